@@ -10,6 +10,9 @@ from typing import Annotated
 
 import typer
 
+from ragpt.cli_common import fail as _fail
+from ragpt.cli_common import settings_from_ctx as _settings
+from ragpt.cli_prompts import prompts_app
 from ragpt.errors import RagptError
 
 app = typer.Typer(
@@ -23,19 +26,9 @@ index_app = typer.Typer(help="Inspect indexes.", no_args_is_help=True)
 models_app = typer.Typer(help="Prepare and inspect the generator and embedder.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
+app.add_typer(prompts_app, name="prompts")
 
 
-def _settings(ctx: typer.Context, **more):
-    from ragpt.config import load_settings
-
-    given = dict(ctx.obj or {})
-    given.update({k: v for k, v in more.items() if v is not None})
-    return load_settings(**given)
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 @app.callback()
@@ -175,6 +168,106 @@ def demo(
         _fail(e)
 
 
+@app.command()
+def train(
+    ctx: typer.Context,
+    department: Annotated[str, typer.Option("--department", "-d", help="Department whose prompt to train.")],
+    data: Annotated[Path, typer.Option(help="QA file: JSONL {question, answers, doc_id?, context?} or SQuAD JSON.")],
+    index: Annotated[str, typer.Option("--index", "-i", help="Index the examples retrieve from.")] = "sample",
+    dev_data: Annotated[Path | None, typer.Option(help="Dev QA file (default: split --data by document).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 120,
+    batch_size: Annotated[int, typer.Option(help="Examples per step (global).")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-2,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 10,
+    n_tokens: Annotated[int, typer.Option(help="Soft prompt length (virtual tokens).")] = 20,
+    init: Annotated[str, typer.Option(help="Initialisation: text, vocab or random.")] = "text",
+    init_text: Annotated[str | None, typer.Option(help="Text for --init text (default: the system prompt).")] = None,
+    k: Annotated[int, typer.Option("-k", help="Retrieved chunks per example.")] = 2,
+    gold_context: Annotated[str, typer.Option(
+        help="Put the gold passage in the context: never, missed (when retrieval missed the answer), always."
+    )] = "never",
+    max_context_tokens: Annotated[int, typer.Option(help="Prompt token budget.")] = 768,
+    eval_every: Annotated[int, typer.Option(help="Dev evaluation every N steps (0: at the end).")] = 20,
+    patience: Annotated[int, typer.Option(help="Stop after N evaluations without improvement (0: never).")] = 3,
+    dev_fraction: Annotated[float, typer.Option(help="Share of --data held out as dev (by document).")] = 0.15,
+    dev_max: Annotated[int, typer.Option(help="At most this many dev questions.")] = 48,
+    seed: Annotated[int, typer.Option(help="Random seed (runs are deterministic for a seed).")] = 0,
+    checkpoint_dir: Annotated[Path | None, typer.Option(
+        help="Checkpoint folder (default: cache_dir/checkpoints/D).")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the checkpoint if present.")] = True,
+    register: Annotated[bool, typer.Option("--register/--no-register", help="Register the result as a draft.")] = True,
+    actor: Annotated[str | None, typer.Option(help="Author recorded in the registry.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train a department's soft prompt on QA examples whose context comes from the real retriever.
+
+    Runs data-parallel under `torchrun --nproc_per_node=N -m ragpt.cli train ...`.
+    """
+    from ragpt.train import TrainConfig
+    from ragpt.train_job import run_training
+
+    cfg = TrainConfig(
+        department=department, n_tokens=n_tokens, init=init, init_text=init_text, steps=steps,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, k=k,
+        gold_context=gold_context, max_context_tokens=max_context_tokens, eval_every=eval_every,
+        patience=patience, dev_fraction=dev_fraction, dev_max=dev_max, seed=seed,
+        checkpoint_every=max(1, eval_every or 20),
+    )
+    try:
+        summary = run_training(
+            _settings(ctx), index=index, data=data, cfg=cfg, dev_data=dev_data,
+            checkpoint_dir=checkpoint_dir, resume=resume, register=register, actor=actor, progress=not quiet,
+        )
+    except (RagptError, ValueError) as e:
+        _fail(e)
+    if summary.get("folder"):
+        typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("eval")
+def eval_cmd(
+    ctx: typer.Context,
+    department: Annotated[str, typer.Option("--department", "-d", help="Department to evaluate.")],
+    data: Annotated[Path, typer.Option(help="QA file: JSONL or SQuAD JSON.")],
+    index: Annotated[str, typer.Option("--index", "-i", help="Index to retrieve from.")] = "sample",
+    prompt: Annotated[list[str] | None, typer.Option(
+        help="Methods: 'none', 'active' or a registry version; repeat to compare (default: none + active).")] = None,
+    k: Annotated[int, typer.Option("-k", help="Retrieved chunks per question.")] = 2,
+    gold_context: Annotated[str, typer.Option(help="never: retrieved context only; always: gold passage first.")]
+    = "never",
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N questions.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Max new tokens per answer.")] = 48,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON results here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Score answers (token-F1 / EM, SQuAD normalisation) without and with soft prompts."""
+    from ragpt.atomic import atomic_write_json
+    from ragpt.evaluation import evaluate_methods
+    from ragpt.pipeline import Pipeline
+    from ragpt.qa import load_qa
+
+    try:
+        s = _settings(ctx)
+        pipe = Pipeline.open(index, settings=s)
+        qas = [q for q in load_qa(data) if q.department in (None, department)][:limit]
+        methods = {}
+        for name in prompt or ["none", "active"]:
+            tensor, version = pipe.resolve_prompt(department, name)
+            if name != "none" and tensor is None:
+                continue  # no active version: nothing to compare
+            methods["none" if tensor is None else f"soft:{version}"] = tensor
+        res = evaluate_methods(pipe.generator, pipe.retriever, qas, department, methods, k=k,
+                               gold_context=gold_context, max_new_tokens=max_tokens, progress=not quiet)
+    except RagptError as e:
+        _fail(e)
+    if out:
+        atomic_write_json(out, res)
+    typer.echo(f"{department}: n={res['n']}, retrieval hit {res['retrieval_hit_rate']}%, context={gold_context}")
+    for name, m in res["methods"].items():
+        typer.echo(f"  {name:12s} F1 {m['f1']:6.2f}  EM {m['em']:6.2f}  ({m['seconds_per_answer']}s/answer)")
+
+
 @index_app.command("info")
 def index_info(
     ctx: typer.Context,
@@ -198,6 +291,24 @@ def index_list(ctx: typer.Context) -> None:
     root = Path(_settings(ctx).index_dir)
     for p in sorted(root.glob("*/CURRENT")):
         typer.echo(p.parent.name)
+
+
+@app.command("import-data")
+def import_data(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Data set: doc2dial or policyqa.")],
+    out: Annotated[Path, typer.Option(help="Output folder (docs/<dept>/ and qa/<dept>.<split>.jsonl).")],
+) -> None:
+    """Convert a shared public QA set (under data_dir) into documents + QA files for ingest/train/eval."""
+    from ragpt.datasets import IMPORTERS
+
+    if name not in IMPORTERS:
+        _fail(RagptError(f"unknown data set {name!r}; known: {', '.join(IMPORTERS)}"))
+    try:
+        summary = IMPORTERS[name](_settings(ctx).data_dir, out)
+    except RagptError as e:
+        _fail(e)
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @models_app.command("prepare")

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     index_dir: Path = Path("indexes")
     prompt_dir: Path = Path("prompts")
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # The shared public QA sets (importers only; never needed to run ragpt itself).
+    data_dir: Path = Path("../shared/data")
 
     # Models: the embedded defaults, or any local Hugging Face folder / cached hub name.
     generator: str = EMBEDDED_GENERATOR

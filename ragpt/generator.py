@@ -12,6 +12,7 @@ import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,7 +27,7 @@ def cpu_supports_bf16() -> bool:
         return False
     if cap in {"AVX512", "AMX"} or "AMX" in str(cap):
         try:
-            flags = open("/proc/cpuinfo").read()
+            flags = Path("/proc/cpuinfo").read_text()
         except OSError:
             return False
         return "avx512_bf16" in flags or "amx_bf16" in flags

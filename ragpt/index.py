@@ -232,7 +232,8 @@ class DocumentIndex:
         tmp.mkdir()
         try:
             faiss.write_index(self.faiss, str(tmp / "dense.faiss"))
-            lines = [json.dumps(asdict(c), ensure_ascii=False) for c in sorted(self.chunks.values(), key=lambda c: c.id)]
+            ordered = sorted(self.chunks.values(), key=lambda c: c.id)
+            lines = [json.dumps(asdict(c), ensure_ascii=False) for c in ordered]
             atomic_write_text(tmp / "chunks.jsonl", "\n".join(lines) + ("\n" if lines else ""))
             counts: dict[str, int] = {}
             for c in self.chunks.values():

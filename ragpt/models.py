@@ -106,9 +106,18 @@ def resolve_generator_path(settings: Settings) -> Path | str:
     return settings.generator  # a hub name: only works if already in the local HF cache
 
 
+def _quiet_transformers() -> None:
+    # A per-tensor "Loading weights" bar on every load is noise; our own bars show real work.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_generator_model(settings: Settings):
     """Return (model, tokenizer): frozen (requires_grad=False), eval mode, float32 weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
 
     where = resolve_generator_path(settings)
     try:
@@ -170,6 +179,7 @@ class Embedder:
 def load_embedder(settings: Settings) -> Embedder:
     from sentence_transformers import SentenceTransformer
 
+    _quiet_transformers()
     if settings.embedder == EMBEDDED_EMBEDDER:
         where = str(embedded_embedder_dir())
     else:
@@ -179,5 +189,6 @@ def load_embedder(settings: Settings) -> Embedder:
         st = SentenceTransformer(where, device="cpu", local_files_only=True)
     except Exception as e:  # sentence-transformers raises several types for a missing model
         raise ModelLoadError(f"cannot load embedder {settings.embedder!r} from {where}: {e}") from e
-    dim = st.get_sentence_embedding_dimension()
+    get_dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+    dim = get_dim()
     return Embedder(name=settings.embedder, model=st, dim=int(dim), max_tokens=int(st.max_seq_length))

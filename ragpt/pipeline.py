@@ -59,9 +59,12 @@ class Question:
     text: str
     department: str
     history: Sequence[Turn] = ()
-    soft_prompt: torch.Tensor | None = None
-    prompt_version: str | None = None
+    soft_prompt: torch.Tensor | None = None  # an explicit tensor wins over `prompt`
+    prompt_version: str | None = None  # label reported with an explicit tensor
     filters: dict | None = None
+    # Which registry prompt to use: "active" (the department's active version, if any),
+    # "none", or a version such as "v3".
+    prompt: str = "active"
 
 
 def passages_from_hits(hits: Sequence[RetrievedChunk]) -> list[ContextPassage]:
@@ -84,6 +87,8 @@ class Pipeline:
         self._embedder = embedder
         self._generator = generator
         self._retriever: Retriever | None = None
+        self._registry = None
+        self._prompt_cache: dict[tuple[str, str], torch.Tensor] = {}
         if settings.threads:
             torch.set_num_threads(settings.threads)
 
@@ -117,6 +122,40 @@ class Pipeline:
     def departments(self) -> list[str]:
         return self.index.departments
 
+    @property
+    def registry(self):
+        if self._registry is None:
+            from ragpt.registry import PromptRegistry
+
+            self._registry = PromptRegistry(self.settings.prompt_dir)
+        return self._registry
+
+    def resolve_prompt(self, department: str, prompt: str = "active") -> tuple[torch.Tensor | None, str | None]:
+        """(tensor, version) of the soft prompt a request uses; validated and cached per version.
+
+        The version is resolved once here, so a request uses one version from start to end even
+        if another is activated meanwhile.
+        """
+        if prompt in (None, "none"):
+            return None, None
+        if prompt == "active":
+            if department not in self.registry.departments():
+                return None, None
+            version = self.registry.active_version(department)
+            if version is None:
+                return None, None
+        else:
+            version = prompt
+        key = (department, version)
+        if key not in self._prompt_cache:
+            from ragpt.softprompt import base_model_fingerprint
+
+            gen = self.generator
+            sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(gen.model),
+                                    hidden_size=gen.hidden_size)
+            self._prompt_cache[key] = sp.tensor
+        return self._prompt_cache[key], version
+
     # ------------------------------------------------------------------ API
     def retrieve(
         self, question: str, department: str, k: int | None = None, filters: dict | None = None
@@ -133,11 +172,12 @@ class Pipeline:
         soft_prompt: torch.Tensor | None = None,
         prompt_version: str | None = None,
         filters: dict | None = None,
+        prompt: str = "active",
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         seed: int | None = None,
     ) -> Answer:
-        q = Question(question, department, history, soft_prompt, prompt_version, filters)
+        q = Question(question, department, history, soft_prompt, prompt_version, filters, prompt)
         return self.ask_many([q], k=k, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)[0]
 
     def ask_many(
@@ -164,6 +204,11 @@ class Pipeline:
         ]
         t1 = time.perf_counter()
         gen = self.generator
+        prompts = [
+            (q.soft_prompt, q.prompt_version) if q.soft_prompt is not None
+            else self.resolve_prompt(q.department, q.prompt)
+            for q in questions
+        ]
         rows = [
             build_prompt_ids(
                 gen.tokenizer, q.text, passages_from_hits(hits), department=q.department,
@@ -173,20 +218,20 @@ class Pipeline:
         ]
         results = gen.generate(
             rows,
-            [q.soft_prompt for q in questions],
+            [p for p, _ in prompts],
             max_new_tokens=max_new_tokens or s.max_new_tokens,
             temperature=s.temperature if temperature is None else temperature,
             seed=seed,
         )
         t2 = time.perf_counter()
         answers = []
-        for q, hits, res in zip(questions, all_hits, results):
+        for q, hits, res, (_, version) in zip(questions, all_hits, results, prompts):
             answers.append(
                 Answer(
                     text=res.text,
                     citations=[Citation.from_hit(h) for h in hits],
                     department=q.department,
-                    prompt_version=q.prompt_version,
+                    prompt_version=version,
                     finish_reason=res.finish_reason,
                     usage={
                         "prompt_tokens": res.prompt_tokens,

@@ -1,0 +1,115 @@
+"""`ragpt train`: load the models and index, run the prompt-tuning loop, register the result.
+
+Kept apart from ragpt.train (the loop) so that the loop stays free of files and registries.
+"""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+
+from ragpt.atomic import atomic_write_json
+from ragpt.config import Settings
+from ragpt.generator import resolve_bf16
+from ragpt.index import DocumentIndex
+from ragpt.models import load_embedder, load_generator_model
+from ragpt.qa import QAExample, load_qa
+from ragpt.retrieval import Retriever
+from ragpt.train import TrainConfig, TrainResult, dist_info, init_distributed_from_env, train_prompt
+
+
+def default_checkpoint_dir(settings: Settings, department: str) -> Path:
+    return Path(settings.cache_dir) / "checkpoints" / department
+
+
+def save_loss_plot(result: TrainResult, path: Path) -> bool:
+    """PNG of the loss curve (and dev F1) if matplotlib is installed; the JSON is always saved."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p["step"] for p in result.loss_curve], [p["loss"] for p in result.loss_curve], label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    if result.evals:
+        ax2 = ax.twinx()
+        ax2.plot([e["step"] for e in result.evals], [e["f1"] for e in result.evals], "o-", color="C1", label="dev F1")
+        ax2.set_ylabel("dev token-F1")
+    ax.set_title(f"soft prompt: {result.hyperparameters['department']}")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def run_training(
+    settings: Settings,
+    *,
+    index: str,
+    data: Path,
+    cfg: TrainConfig,
+    dev_data: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = True,
+    register: bool = True,
+    actor: str | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Train a department prompt; on the main process register it as a draft. Returns a summary."""
+    from ragpt.registry import PromptRegistry
+    from ragpt.softprompt import SoftPrompt, base_model_fingerprint
+
+    init_distributed_from_env()
+    rank, world = dist_info()
+    qas: list[QAExample] = load_qa(data)
+    dev_qas = load_qa(dev_data) if dev_data else None
+    # Keep only this department's examples when the file names departments.
+    for name, lst in (("data", qas), ("dev data", dev_qas or [])):
+        if any(q.department for q in lst):
+            lst[:] = [q for q in lst if q.department in (None, cfg.department)]
+            if not lst:
+                raise ValueError(f"{name}: no examples for department {cfg.department!r}")
+    doc_index = DocumentIndex.open(settings.index_dir, index)
+    doc_index.check_department(cfg.department)
+    embedder = load_embedder(settings)
+    retriever = Retriever(doc_index, embedder, dense=settings.dense, bm25=settings.bm25, rrf_k=settings.rrf_k)
+    model, tok = load_generator_model(settings)
+    cfg.bf16 = resolve_bf16(settings.bf16) if cfg.bf16 is None else cfg.bf16
+    ckpt = checkpoint_dir or default_checkpoint_dir(settings, cfg.department)
+    result = train_prompt(model, tok, retriever, qas, cfg, checkpoint_dir=ckpt, resume=resume,
+                          progress=progress, log=log, dev_qas=dev_qas)
+    summary = {"department": cfg.department, "metrics": result.metrics, "version": None, "processes": world}
+    if rank != 0:
+        return summary
+    prompt = SoftPrompt.create(
+        result.prompt,
+        department=cfg.department,
+        base_fingerprint=base_model_fingerprint(model),
+        embedder={"name": embedder.name, "dim": embedder.dim},
+        index_manifest_sha256=doc_index.manifest_sha256(),
+        training_data_sha256=result.data_sha256,
+        hyperparameters=result.hyperparameters,
+        metrics=result.metrics,
+        author=actor or getpass.getuser(),
+        extra={"index": index, "generator": settings.generator, "evals": result.evals},
+    )
+    if register:
+        registry = PromptRegistry(Path(settings.prompt_dir))
+        version = registry.register(prompt, actor=actor or getpass.getuser(),
+                                    reason=f"trained on {Path(data).name}")
+        folder = Path(settings.prompt_dir) / cfg.department / version
+    else:
+        folder = ckpt / "result"
+        prompt.save(folder)
+        version = None
+    atomic_write_json(folder / "loss_curve.json", {"loss": result.loss_curve, "evals": result.evals})
+    save_loss_plot(result, folder / "loss_curve.png")
+    summary.update(version=version, folder=str(folder))
+    return summary

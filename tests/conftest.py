@@ -1,0 +1,156 @@
+"""Shared fixtures.
+
+Fast unit tests use a tiny, randomly initialised Llama model and a byte-level BPE tokenizer
+that are built here in code. Integration tests (marked `integration`) use the real embedded
+models, loaded once per session.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+TRAINING_SENTENCES = [
+    "You are the hr assistant of the company. Answer the question using only the context.",
+    "Employees get 25 vacation days per year and may carry over five days.",
+    "The VPN client must be installed before connecting from home.",
+    "Invoices above 10,000 EUR need approval by the finance director.",
+    "Context: (no documents found)\n\nQuestion: How many days of leave do I get?",
+    "system user assistant question answer context documents brief know",
+    "Reset your password every 90 days; use at least 12 characters.",
+] * 4
+
+
+# --------------------------------------------------------------------------- tiny parts
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE (any text encodes, decoding is exact) with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TRAINING_SENTENCES, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        # A wider initialisation than the default 0.02 makes the random model's next token
+        # depend visibly on its input, so tests can tell different inputs apart.
+        initializer_range=0.5,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    """A fresh seeded model per test: tests that check weights stay untouched own theirs."""
+    return build_tiny_model(tiny_tokenizer, seed=0)
+
+
+# --------------------------------------------------------------------------- real parts
+
+
+@pytest.fixture(scope="session")
+def real_settings(tmp_path_factory):
+    """Settings defaults (model cache from RAGPT_CACHE_DIR or the user cache), a session index dir."""
+    from ragpt.config import Settings
+
+    return Settings(index_dir=tmp_path_factory.mktemp("indexes"))
+
+
+@pytest.fixture(scope="session")
+def real_embedder(real_settings):
+    from ragpt.models import load_embedder
+
+    return load_embedder(real_settings)
+
+
+@pytest.fixture(scope="session")
+def real_generator(real_settings):
+    """(model, tokenizer) of the embedded generator; converted from GGUF once if not cached."""
+    from ragpt.models import load_generator_model
+
+    return load_generator_model(real_settings)
+
+
+@pytest.fixture(scope="session")
+def sample_index(real_settings, real_embedder):
+    """The shipped sample corpus, one ingest per department, in the session index dir."""
+    from ragpt.ingest import ingest
+    from ragpt.sample import SAMPLE_DEPARTMENTS, department_dir
+
+    name = "sample"
+    for dept in SAMPLE_DEPARTMENTS:
+        ingest(
+            real_settings.index_dir, name, [department_dir(dept)], [dept], real_embedder,
+            chunk_tokens=real_settings.chunk_tokens, chunk_overlap=real_settings.chunk_overlap,
+            batch_size=real_settings.embed_batch_size, progress=False,
+        )
+    return real_settings, name
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    """Write a fixture file (creating folders) and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path

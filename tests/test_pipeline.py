@@ -1,0 +1,123 @@
+"""Pipeline (real models): retrieve -> build input -> generate -> answer with citations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragpt.errors import EmptyQuestionError, UnknownDepartmentError
+from ragpt.generator import Generator
+from ragpt.index import DocumentIndex
+from ragpt.pipeline import Answer, Pipeline, Question, passages_from_hits
+from ragpt.sample import SAMPLE_DEPARTMENTS, sample_questions
+from ragpt.template import build_prompt_ids
+
+pytestmark = pytest.mark.integration
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def pipe(sample_index, real_embedder, real_generator):
+    """A pipeline over the sample index sharing the session's models, in float32 (deterministic)."""
+    settings, name = sample_index
+    model, tok = real_generator
+    return Pipeline(
+        DocumentIndex.open(settings.index_dir, name),
+        settings,
+        embedder=real_embedder,
+        generator=Generator(model, tok, bf16=False),
+    )
+
+
+def _departments_of(index: DocumentIndex, source: str) -> list[str]:
+    return index.manifest["documents"][source]["departments"]
+
+
+def test_pipeline_open_answers_with_citations_of_the_department(sample_index):
+    settings, name = sample_index
+    p = Pipeline.open(index=name, settings=settings)  # loads its own models lazily
+    q = sample_questions("it")[0]
+    ans = p.ask(q.question, "it", max_new_tokens=MAX_NEW)
+    assert isinstance(ans, Answer)
+    assert ans.text.strip()
+    assert ans.department == "it"
+    assert len(ans.citations) == settings.k
+    assert all(_departments_of(p.index, c.source) == ["it"] for c in ans.citations)
+    assert 0 < ans.usage["completion_tokens"] <= MAX_NEW
+    assert ans.usage["total_tokens"] == ans.usage["prompt_tokens"] + ans.usage["completion_tokens"]
+
+
+@pytest.mark.parametrize("dept", SAMPLE_DEPARTMENTS)
+def test_ask_cites_only_the_departments_documents_and_counts_tokens(pipe, dept):
+    q = sample_questions(dept)[1]
+    ans = pipe.ask(q.question, dept, k=3, max_new_tokens=MAX_NEW)
+    assert ans.text.strip()
+    assert ans.finish_reason in {"stop", "length"}
+    assert len(ans.citations) == 3
+    for c in ans.citations:
+        assert dept in _departments_of(pipe.index, c.source)
+        stored = next(x for x in pipe.index.chunks.values() if x.source == c.source and x.chunk == c.chunk)
+        assert (c.title, c.start, c.end) == (stored.title, stored.start, stored.end)
+    scores = [c.score for c in ans.citations]
+    assert scores == sorted(scores, reverse=True)
+    # Usage counts the prompt the template builds from exactly these retrieved chunks.
+    hits = pipe.retrieve(q.question, dept, k=3)
+    assert [(h.chunk.source, h.chunk.chunk) for h in hits] == [(c.source, c.chunk) for c in ans.citations]
+    prompt = build_prompt_ids(pipe.generator.tokenizer, q.question, passages_from_hits(hits), department=dept,
+                              max_context_tokens=pipe.settings.max_context_tokens)
+    assert ans.usage["prompt_tokens"] == len(prompt)
+    assert 0 < ans.usage["completion_tokens"] <= MAX_NEW
+    assert ans.usage["total_tokens"] == len(prompt) + ans.usage["completion_tokens"]
+    d = ans.to_dict()
+    assert d["text"] == ans.text and d["citations"][0]["source"] == ans.citations[0].source
+
+
+def test_ask_many_on_mixed_departments_equals_asking_one_by_one(pipe):
+    qs = [q for dept in SAMPLE_DEPARTMENTS for q in sample_questions(dept)[2:4]]
+    qs = qs[::2] + qs[1::2]  # interleave departments within the batch
+    batch = pipe.ask_many([Question(q.question, q.department) for q in qs], max_new_tokens=MAX_NEW)
+    assert [a.department for a in batch] == [q.department for q in qs]
+    for q, a in zip(qs, batch):
+        alone = pipe.ask(q.question, q.department, max_new_tokens=MAX_NEW)
+        assert a.text == alone.text, q.question
+        assert a.citations == alone.citations
+        assert a.usage == alone.usage
+
+
+def test_soft_prompt_rows_count_their_positions_and_mix_with_plain_rows(pipe):
+    gen = pipe.generator
+    soft = torch.randn(6, gen.hidden_size, generator=torch.Generator().manual_seed(0))
+    soft = soft * float(gen.embedding.weight.std())
+    q = sample_questions("hr")[0]
+    plain = pipe.ask(q.question, "hr", max_new_tokens=8)
+    tuned = pipe.ask(q.question, "hr", soft_prompt=soft, prompt_version="v1", max_new_tokens=8)
+    assert tuned.usage["prompt_tokens"] == plain.usage["prompt_tokens"] + 6
+    assert tuned.prompt_version == "v1"
+    mixed = pipe.ask_many([Question(q.question, "hr"), Question(q.question, "hr", soft_prompt=soft)],
+                          max_new_tokens=8)
+    assert [m.text for m in mixed] == [plain.text, tuned.text]
+
+
+def test_model_weights_are_bit_identical_after_asking(pipe):
+    model = pipe.generator.model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    soft = torch.randn(4, pipe.generator.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.05
+    q = sample_questions("finance")[0]
+    pipe.ask(q.question, "finance", max_new_tokens=8)
+    pipe.ask(q.question, "finance", soft_prompt=soft, max_new_tokens=8, temperature=0.7, seed=0)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_bad_requests_are_refused_before_generating(pipe):
+    with pytest.raises(EmptyQuestionError):
+        pipe.ask("   ", "hr")
+    with pytest.raises(UnknownDepartmentError, match="legal"):
+        pipe.ask("How many vacation days?", "legal")
+    with pytest.raises(UnknownDepartmentError):
+        # One bad question fails the whole batch.
+        pipe.ask_many([Question("How many vacation days?", "hr"), Question("Anything?", "legal")])
+    assert pipe.ask_many([]) == []

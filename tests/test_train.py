@@ -1,0 +1,205 @@
+"""The prompt-tuning loop: frozen base, answer-only loss, determinism, resume, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from safetensors.torch import load_file
+
+from ragpt.errors import RagptError
+from ragpt.qa import QAExample
+from ragpt.sample import sample_questions
+from ragpt.train import (
+    PromptModule,
+    TrainConfig,
+    TrainExample,
+    answer_loss_sum,
+    batch_schedule,
+    build_examples,
+    train_prompt,
+)
+
+
+def _hr_examples() -> list[QAExample]:
+    return [QAExample(q.question, q.answers, doc_id=q.source, department=q.department)
+            for q in sample_questions("hr")]
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(department="hr", n_tokens=4, steps=4, batch_size=4, k=1, max_context_tokens=192,
+                eval_every=0, patience=0, dev_fraction=0.2, dev_max=4, eval_max_new_tokens=4,
+                warmup_steps=2, lr=5e-2, bf16=False, checkpoint_every=1, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def retriever(sample_index, real_embedder):
+    from ragpt.index import DocumentIndex
+    from ragpt.retrieval import Retriever
+
+    settings, name = sample_index
+    return Retriever(DocumentIndex.open(settings.index_dir, name), real_embedder)
+
+
+def _rows(tok, n=3) -> list[TrainExample]:
+    rows = []
+    for i in range(n):
+        prompt = tok(f"question {i} about vacation days and the VPN", add_special_tokens=False)["input_ids"]
+        answer = tok(f"{5 * (i + 1)} days", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        qa = QAExample("q", ["a"])
+        rows.append(TrainExample(ids=prompt + answer, answer_start=len(prompt), qa=qa,
+                                 prompt_ids=prompt, retrieval_hit=True))
+    return rows
+
+
+def test_answer_only_loss_equals_full_vocab_loss_with_masked_labels(tiny_model, tiny_tokenizer):
+    """Applying the LM head at answer positions only must give exactly the standard loss."""
+    rows = _rows(tiny_tokenizer)
+    module = PromptModule(torch.randn(4, tiny_model.config.hidden_size) * 0.1)
+    loss_sum, count = answer_loss_sum(tiny_model, module, rows, _nullctx)
+    assert count == sum(len(r.ids) - r.answer_start for r in rows)
+
+    # Reference: the whole model, full logits, labels -100 everywhere but the answer, row by row.
+    ref = 0.0
+    for r in rows:
+        emb = tiny_model.get_input_embeddings()(torch.tensor([r.ids]))
+        x = torch.cat([module.prompt.detach()[None], emb], 1)
+        labels = torch.full((1, x.shape[1]), -100)
+        labels[0, 4 + r.answer_start:] = torch.tensor(r.ids[r.answer_start:])
+        out = tiny_model(inputs_embeds=x, labels=labels)
+        ref += out.loss.item() * (len(r.ids) - r.answer_start)
+    assert loss_sum.item() == pytest.approx(ref, rel=1e-5)
+
+
+def _nullctx():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_gradients_reach_only_the_prompt(tiny_model, tiny_tokenizer):
+    for p in tiny_model.parameters():
+        p.requires_grad_(False)
+    module = PromptModule(torch.randn(4, tiny_model.config.hidden_size))
+    loss, _ = answer_loss_sum(tiny_model, module, _rows(tiny_tokenizer), _nullctx)
+    loss.backward()
+    assert module.prompt.grad is not None and module.prompt.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_batch_schedule_is_a_pure_function_of_seed_and_step():
+    cfg = _cfg(batch_size=4, bucket_factor=2)
+    lengths = [(i * 37) % 50 for i in range(20)]
+    a = [batch_schedule(20, cfg, lengths, s) for s in range(10)]
+    b = [batch_schedule(20, cfg, lengths, s) for s in range(10)]
+    assert a == b
+    epoch0 = sorted(i for s in range(5) for i in a[s])
+    assert epoch0 == list(range(20))  # one epoch covers every example exactly once
+    assert a[:5] != a[5:10]  # the next epoch is reshuffled
+
+
+@pytest.mark.integration
+def test_training_leaves_base_weights_bit_identical_and_is_deterministic(tiny_tokenizer, retriever, tmp_path):
+    model = build_tiny_model(tiny_tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r1 = train_prompt(model, tiny_tokenizer, retriever, _hr_examples(), _cfg(), progress=False, log=lambda m: None)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"base weight {k} changed"
+    r2 = train_prompt(model, tiny_tokenizer, retriever, _hr_examples(), _cfg(), progress=False, log=lambda m: None)
+    assert torch.equal(r1.prompt, r2.prompt)
+    assert r1.loss_curve == r2.loss_curve
+    assert len(r1.loss_curve) == 4 and r1.loss_curve[-1]["loss"] < r1.loss_curve[0]["loss"] * 1.5
+
+
+@pytest.mark.integration
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_tokenizer, retriever, tmp_path):
+    model = build_tiny_model(tiny_tokenizer)
+    cfg = _cfg(steps=6, eval_every=2)
+    full = train_prompt(model, tiny_tokenizer, retriever, _hr_examples(), cfg, checkpoint_dir=tmp_path / "a",
+                        progress=False, log=lambda m: None)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_prompt(model, tiny_tokenizer, retriever, _hr_examples(), cfg, checkpoint_dir=tmp_path / "b",
+                     progress=False, log=lambda m: None, on_step=kill_at_3)
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 3
+    resumed = train_prompt(model, tiny_tokenizer, retriever, _hr_examples(), cfg, checkpoint_dir=tmp_path / "b",
+                           progress=False, log=lambda m: None)
+    assert torch.equal(resumed.prompt, full.prompt)
+    assert resumed.loss_curve == full.loss_curve
+    assert resumed.evals == full.evals
+
+
+@pytest.mark.integration
+def test_resume_refuses_a_checkpoint_from_other_settings(tiny_tokenizer, retriever, tmp_path):
+    model = build_tiny_model(tiny_tokenizer)
+    train_prompt(model, tiny_tokenizer, retriever, _hr_examples(), _cfg(steps=1), checkpoint_dir=tmp_path,
+                 progress=False, log=lambda m: None)
+    with pytest.raises(RagptError, match="other settings"):
+        train_prompt(model, tiny_tokenizer, retriever, _hr_examples(), _cfg(steps=2, lr=0.5),
+                     checkpoint_dir=tmp_path, progress=False, log=lambda m: None)
+
+
+@pytest.mark.integration
+def test_gold_context_is_injected_only_when_retrieval_misses(tiny_tokenizer, retriever):
+    qa = QAExample("How many vacation days?", ["zebra-unicorn-42"], doc_id="x",
+                   context="The secret answer is zebra-unicorn-42 for everyone.")
+    never = build_examples([qa], retriever, tiny_tokenizer, _cfg(gold_context="never", k=2), progress=False)[0]
+    missed = build_examples([qa], retriever, tiny_tokenizer, _cfg(gold_context="missed", k=2), progress=False)[0]
+    assert not never.retrieval_hit
+    assert "zebra-unicorn-42" not in tiny_tokenizer.decode(never.prompt_ids)
+    assert "zebra-unicorn-42" in tiny_tokenizer.decode(missed.prompt_ids)
+
+
+@pytest.mark.integration
+def test_two_processes_under_torchrun_match_one_process(tiny_tokenizer, sample_index, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo) gives the same prompt as one process, same global batch."""
+    from ragpt.config import Settings
+    from ragpt.qa import save_jsonl
+    from ragpt.train_job import run_training
+
+    settings, index = sample_index
+    model_dir = tmp_path / "tiny-generator"
+    build_tiny_model(tiny_tokenizer).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "hr.jsonl"
+    save_jsonl(_hr_examples(), data)
+    common = ["--department", "hr", "--index", index, "--data", str(data), "--steps", "3", "--batch-size", "4",
+              "--n-tokens", "4", "-k", "1", "--max-context-tokens", "192", "--eval-every", "0",
+              "--patience", "0", "--lr", "0.05", "--warmup-steps", "1", "--seed", "5", "--no-register", "-q"]
+    env = {**os.environ, "RAGPT_INDEX_DIR": str(settings.index_dir), "RAGPT_CACHE_DIR": str(settings.cache_dir),
+           "RAGPT_GENERATOR": str(model_dir), "RAGPT_BF16": "off", "RAGPT_PROMPT_DIR": str(tmp_path / "prompts"),
+           "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run(
+        [*torchrun, "-m", "ragpt.cli", "train", *common, "--checkpoint-dir", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1 = Settings(index_dir=settings.index_dir, cache_dir=settings.cache_dir, generator=str(model_dir), bf16="off",
+                  prompt_dir=tmp_path / "prompts")
+    cfg = TrainConfig(department="hr", steps=3, batch_size=4, n_tokens=4, k=1, max_context_tokens=192,
+                      eval_every=0, patience=0, lr=0.05, warmup_steps=1, seed=5, checkpoint_every=1)
+    one = run_training(s1, index=index, data=data, cfg=cfg, checkpoint_dir=tmp_path / "one", register=False,
+                       progress=False, log=lambda m: None)
+    assert one["processes"] == 1
+    p_one = load_file(str(Path(one["folder"]) / "prompt.safetensors"))["prompt"]
+    p_two = load_file(str(tmp_path / "two" / "result" / "prompt.safetensors"))["prompt"]
+    meta_two = json.loads((tmp_path / "two" / "result" / "meta.json").read_text())
+    assert meta_two["metrics"]["processes"] == 2
+    assert not torch.equal(p_one, torch.zeros_like(p_one))
+    torch.testing.assert_close(p_two, p_one, rtol=1e-4, atol=1e-5)

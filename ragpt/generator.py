@@ -4,13 +4,21 @@ A soft prompt is an (n_tokens x hidden) tensor prepended to the row's input embe
 Rows are left-padded to a common length; the attention mask hides the padding and position
 ids count only real positions, so each row computes exactly what it would alone.
 With no soft prompt the output equals `model.generate` on the same ids (tested).
+
+A soft prompt is a fixed prefix, so its key/value cache can be computed once per prompt
+version and reused (`PrefixCache`, keyed e.g. by (department, version)). A batch then lays
+out its cache as [left pad | prefix KV] in the first S slots and [pad | token ids] after:
+the attention mask hides both pads and row i's tokens take positions n_i + 0..L_i-1, exactly
+where they would sit after their n_i soft-prompt positions in an unbatched run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +67,65 @@ def output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+@dataclass(frozen=True, eq=False)
+class PrefixKV:
+    """Per-layer keys and values of one soft prompt at positions 0..n-1 (batch dimension 1)."""
+
+    n_tokens: int
+    keys: tuple[torch.Tensor, ...]  # each (1, kv_heads, n_tokens, head_dim)
+    values: tuple[torch.Tensor, ...]
+    source: torch.Tensor  # the soft prompt it was computed from, to detect a reused key
+
+
+class PrefixCache:
+    """Soft-prompt KV per key (e.g. (department, version)), computed once, least recently used out.
+
+    Registry versions are immutable, so a key names one tensor for good; the tensor is still
+    compared on every hit (it is small) so that reusing a key for another tensor recomputes
+    instead of silently serving the old prefix. Thread-safe.
+    """
+
+    def __init__(self, max_entries: int = 64):
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, PrefixKV] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def get(self, key: Hashable, soft_prompt: torch.Tensor, compute) -> PrefixKV:
+        """The cached prefix for `key`, or `compute(soft_prompt)` stored under it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and (entry.source is soft_prompt or (
+                    entry.source.shape == soft_prompt.shape and torch.equal(entry.source, soft_prompt))):
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry
+        # Computed outside the lock: a forward pass must not block other readers.
+        entry = compute(soft_prompt)
+        with self._lock:
+            self.misses += 1
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return entry
+
+
 class Generator:
-    def __init__(self, model, tokenizer, *, bf16: bool = False):
+    def __init__(self, model, tokenizer, *, bf16: bool = False, prefix_cache_size: int = 64):
         self.model = model
         self.tokenizer = tokenizer
         self.bf16 = bool(bf16)
@@ -73,6 +138,8 @@ class Generator:
         self.stop_ids = stop
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._cache_kw = cache_kwarg(model)
+        self.prefix_cache = PrefixCache(prefix_cache_size)
+        self._prefix_ok: bool | None = None
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -111,6 +178,71 @@ class Generator:
             mask[i, T - p.shape[0]:] = 1
         return x, mask, lengths
 
+    # ------------------------------------------------------------------ soft-prompt prefix KV
+    @property
+    def supports_prefix_cache(self) -> bool:
+        """True when every layer keeps a plain, growing KV cache (no sliding window, no recurrence).
+
+        Only then does a precomputed prefix sit unchanged in the first cache slots.
+        """
+        if self._prefix_ok is None:
+            from transformers import DynamicCache
+            from transformers.cache_utils import DynamicLayer
+
+            layers = getattr(DynamicCache(config=self.model.config), "layers", None)
+            self._prefix_ok = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        return self._prefix_ok
+
+    @torch.inference_mode()
+    def compute_prefix(self, soft_prompt: torch.Tensor) -> PrefixKV:
+        """Run the model on the soft prompt embeddings alone and keep every layer's KV."""
+        from transformers import DynamicCache
+
+        weight = self.embedding.weight
+        sp = self.check_soft_prompt(soft_prompt)
+        x = sp.to(device=weight.device, dtype=weight.dtype)[None]
+        n = x.shape[1]
+        with self.autocast():
+            out = self.model(
+                inputs_embeds=x, attention_mask=torch.ones((1, n), dtype=torch.long, device=weight.device),
+                position_ids=torch.arange(n, device=weight.device)[None], use_cache=True, logits_to_keep=1,
+                **{self._cache_kw: DynamicCache(config=self.model.config)},
+            )
+        layers = output_cache(out).layers
+        return PrefixKV(
+            n_tokens=n,
+            keys=tuple(layer.keys.detach() for layer in layers),
+            values=tuple(layer.values.detach() for layer in layers),
+            source=soft_prompt,
+        )
+
+    def prefix_for(self, key: Hashable, soft_prompt: torch.Tensor) -> PrefixKV:
+        return self.prefix_cache.get(key, soft_prompt, self.compute_prefix)
+
+    def _prefilled_cache(self, prefixes: Sequence[PrefixKV | None]):
+        """(DynamicCache holding [left pad | prefix KV] per row, its mask, S) for a batch."""
+        from transformers import DynamicCache
+
+        device = self.embedding.weight.device
+        S = max((p.n_tokens for p in prefixes if p is not None), default=0)
+        B = len(prefixes)
+        mask = torch.zeros((B, S), dtype=torch.long, device=device)
+        first = next(p for p in prefixes if p is not None)
+        data = []
+        for layer in range(len(first.keys)):
+            k0, v0 = first.keys[layer], first.values[layer]
+            k = k0.new_zeros((B, k0.shape[1], S, k0.shape[3]))
+            v = v0.new_zeros((B, v0.shape[1], S, v0.shape[3]))
+            for i, p in enumerate(prefixes):
+                if p is not None:
+                    k[i, :, S - p.n_tokens:] = p.keys[layer][0]
+                    v[i, :, S - p.n_tokens:] = p.values[layer][0]
+            data.append((k, v))
+        for i, p in enumerate(prefixes):
+            if p is not None:
+                mask[i, S - p.n_tokens:] = 1
+        return DynamicCache(data, config=self.model.config), mask, S
+
     # ------------------------------------------------------------------ decoding
     @torch.inference_mode()
     def stream(
@@ -121,8 +253,14 @@ class Generator:
         max_new_tokens: int | Sequence[int] = 128,
         temperature: float | Sequence[float] = 0.0,
         seed: int | None = None,
+        prefix_keys: Sequence[Hashable | None] | None = None,
     ) -> Iterator[list[int | None]]:
-        """Yield, per decoding step, the new token of each row (None once a row has finished)."""
+        """Yield, per decoding step, the new token of each row (None once a row has finished).
+
+        `prefix_keys[i]` (e.g. (department, version)) lets row i's soft prompt come from the
+        prefix KV cache under that key instead of being run through the model again. Rows with
+        no key, or no soft prompt, are embedded as before. Greedy output is the same either way.
+        """
         from transformers import DynamicCache
 
         B = len(rows)
@@ -136,15 +274,32 @@ class Generator:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         temps_t = torch.tensor(temps, dtype=torch.float32)
 
-        x, mask, _ = self.embed_rows(rows, soft_prompts)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        prefixes: list[PrefixKV | None] = [None] * B
+        if prefix_keys is not None:
+            if len(prefix_keys) != B:
+                raise ValueError("one prefix key (or None) per row expected")
+            if self.supports_prefix_cache:
+                prefixes = [
+                    self.prefix_for(key, sp) if key is not None and sp is not None else None
+                    for key, sp in zip(prefix_keys, soft_prompts)
+                ]
+        # Rows with a cached prefix feed only their token ids; the others carry their soft prompt inline.
+        inline = [None if p is not None else sp for p, sp in zip(prefixes, soft_prompts)]
+        x, mask, _ = self.embed_rows(rows, inline)
+        if any(p is not None for p in prefixes):
+            cache, prefix_mask, _ = self._prefilled_cache(prefixes)
+            offsets = torch.tensor([0 if p is None else p.n_tokens for p in prefixes], device=mask.device)
+            pos = (offsets[:, None] + mask.cumsum(-1) - 1).clamp(min=0)
+            mask = torch.cat([prefix_mask, mask], dim=1)
+        else:
+            cache = DynamicCache(config=self.model.config)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
         done = torch.zeros(B, dtype=torch.bool)
         produced = [0] * B
         with self.autocast():
             out = self.model(
                 inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                use_cache=True, logits_to_keep=1,
-                **{self._cache_kw: DynamicCache(config=self.model.config)},
+                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
             )
         cache = output_cache(out)
         logits = out.logits[:, -1, :].float()
@@ -191,12 +346,14 @@ class Generator:
         max_new_tokens: int | Sequence[int] = 128,
         temperature: float | Sequence[float] = 0.0,
         seed: int | None = None,
+        prefix_keys: Sequence[Hashable | None] | None = None,
     ) -> list[GenerationResult]:
         B = len(rows)
         soft_prompts = list(soft_prompts) if soft_prompts is not None else [None] * B
         tokens: list[list[int]] = [[] for _ in range(B)]
         for step in self.stream(
-            rows, soft_prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+            rows, soft_prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+            prefix_keys=prefix_keys,
         ):
             for i, t in enumerate(step):
                 if t is not None:

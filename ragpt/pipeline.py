@@ -17,7 +17,7 @@ from ragpt.config import Settings, load_settings
 from ragpt.errors import EmptyQuestionError
 from ragpt.generator import Generator, resolve_bf16
 from ragpt.index import DocumentIndex
-from ragpt.models import Embedder, load_embedder, load_generator_model
+from ragpt.models import Embedder, inference_model, load_embedder, load_generator_model
 from ragpt.retrieval import RetrievedChunk, Retriever
 from ragpt.template import ContextPassage, Turn, build_prompt_ids
 
@@ -88,6 +88,7 @@ class Pipeline:
         self._generator = generator
         self._retriever: Retriever | None = None
         self._registry = None
+        self._base_model = generator.model if generator is not None else None
         self._prompt_cache: dict[tuple[str, str], torch.Tensor] = {}
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -108,7 +109,8 @@ class Pipeline:
     def generator(self) -> Generator:
         if self._generator is None:
             model, tok = load_generator_model(self.settings)
-            self._generator = Generator(model, tok, bf16=resolve_bf16(self.settings.bf16))
+            self._generator = Generator(inference_model(model, resolve_bf16(self.settings.bf16)), tok)
+            self._base_model = model  # fp32 original: its fingerprint identifies the base model
         return self._generator
 
     @property
@@ -151,7 +153,8 @@ class Pipeline:
             from ragpt.softprompt import base_model_fingerprint
 
             gen = self.generator
-            sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(gen.model),
+            base = self._base_model or gen.model
+            sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(base),
                                     hidden_size=gen.hidden_size)
             self._prompt_cache[key] = sp.tensor
         return self._prompt_cache[key], version

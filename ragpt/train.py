@@ -35,6 +35,7 @@ from ragpt.atomic import atomic_write_json
 from ragpt.errors import RagptError
 from ragpt.generator import Generator
 from ragpt.metrics import answer_in_text, best_over, exact_match, token_f1
+from ragpt.models import inference_model
 from ragpt.qa import QAExample, examples_sha256, split_by_document
 from ragpt.retrieval import Retriever
 from ragpt.template import SYSTEM_PROMPT, ContextPassage, Turn, build_training_ids
@@ -343,8 +344,11 @@ def train_prompt(
     if len(train) < cfg.batch_size:
         raise RagptError(f"{len(train)} training examples, fewer than batch_size={cfg.batch_size}")
 
-    generator = Generator(model, tokenizer, bf16=bool(cfg.bf16))
-    autocast = generator.autocast
+    generator = Generator(inference_model(model, bool(cfg.bf16)), tokenizer)  # for dev evaluation
+
+    def autocast():  # mixed precision for the trainable forward/backward; the prompt stays fp32
+        return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+
     module = PromptModule(init_prompt(model, tokenizer, cfg))
     trainable = module
     if world > 1:

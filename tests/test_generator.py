@@ -264,7 +264,7 @@ def real_prompts(sample_index, real_embedder, real_generator):
 def test_real_generator_greedy_answer_equals_hf_generate(real_generator, real_prompts):
     model, tok = real_generator
     gen = Generator(model, tok, bf16=False)
-    n = 24
+    n = 16
     ids = real_prompts[0]
     ours = gen.generate([ids], max_new_tokens=n)[0]
     ref = model.generate(
@@ -282,7 +282,7 @@ def test_real_generator_batch_equals_each_row_alone(real_generator, real_prompts
     assert len({len(r) for r in real_prompts}) == len(real_prompts)
     soft = _soft(4, gen.hidden_size, seed=5) * float(gen.embedding.weight.std())
     softs = [None, soft, None]
-    batch = gen.generate(real_prompts, softs, max_new_tokens=16)
+    batch = gen.generate(real_prompts, softs, max_new_tokens=MAX_NEW)
     for i, (r, sp) in enumerate(zip(real_prompts, softs)):
-        alone = gen.generate([r], [sp], max_new_tokens=16)[0]
+        alone = gen.generate([r], [sp], max_new_tokens=MAX_NEW)[0]
         assert batch[i].token_ids == alone.token_ids, f"row {i}"

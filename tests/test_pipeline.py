@@ -14,7 +14,8 @@ from ragpt.template import build_prompt_ids
 
 pytestmark = pytest.mark.integration
 
-MAX_NEW = 24
+MAX_NEW = 12
+K = 2  # small prompts keep generation on 2 CPU cores quick
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def pipe(sample_index, real_embedder, real_generator):
     model, tok = real_generator
     return Pipeline(
         DocumentIndex.open(settings.index_dir, name),
-        settings,
+        settings.model_copy(update={"k": K}),
         embedder=real_embedder,
         generator=Generator(model, tok, bf16=False),
     )
@@ -38,11 +39,11 @@ def test_pipeline_open_answers_with_citations_of_the_department(sample_index):
     settings, name = sample_index
     p = Pipeline.open(index=name, settings=settings)  # loads its own models lazily
     q = sample_questions("it")[0]
-    ans = p.ask(q.question, "it", max_new_tokens=MAX_NEW)
+    ans = p.ask(q.question, "it", k=K, max_new_tokens=MAX_NEW)
     assert isinstance(ans, Answer)
     assert ans.text.strip()
     assert ans.department == "it"
-    assert len(ans.citations) == settings.k
+    assert len(ans.citations) == K
     assert all(_departments_of(p.index, c.source) == ["it"] for c in ans.citations)
     assert 0 < ans.usage["completion_tokens"] <= MAX_NEW
     assert ans.usage["total_tokens"] == ans.usage["prompt_tokens"] + ans.usage["completion_tokens"]
@@ -74,8 +75,8 @@ def test_ask_cites_only_the_departments_documents_and_counts_tokens(pipe, dept):
 
 
 def test_ask_many_on_mixed_departments_equals_asking_one_by_one(pipe):
-    qs = [q for dept in SAMPLE_DEPARTMENTS for q in sample_questions(dept)[2:4]]
-    qs = qs[::2] + qs[1::2]  # interleave departments within the batch
+    qs = [sample_questions(dept)[2] for dept in SAMPLE_DEPARTMENTS]
+    qs.append(sample_questions("hr")[3])
     batch = pipe.ask_many([Question(q.question, q.department) for q in qs], max_new_tokens=MAX_NEW)
     assert [a.department for a in batch] == [q.department for q in qs]
     for q, a in zip(qs, batch):

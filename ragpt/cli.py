@@ -64,12 +64,17 @@ def ingest(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Add or update documents in an index (unchanged ones are skipped), or --delete them."""
+    from ragpt.documents import expand_paths
     from ragpt.ingest import delete_documents
     from ragpt.ingest import ingest as run_ingest
     from ragpt.models import load_embedder
 
     try:
         s = _settings(ctx, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
+        if not delete:  # fail on bad input before the embedder loads
+            if not department:
+                raise RagptError("at least one --department is required")
+            expand_paths(paths)
         if delete:
             rep = delete_documents(s.index_dir, index, [str(p) for p in paths])
             typer.echo(f"deleted {len(rep.deleted)} document(s) from {index}: {', '.join(rep.deleted)}")
@@ -288,7 +293,10 @@ def index_info(
 @index_app.command("list")
 def index_list(ctx: typer.Context) -> None:
     """List the indexes under index_dir."""
-    root = Path(_settings(ctx).index_dir)
+    try:
+        root = Path(_settings(ctx).index_dir)
+    except RagptError as e:
+        _fail(e)
     for p in sorted(root.glob("*/CURRENT")):
         typer.echo(p.parent.name)
 

@@ -168,22 +168,28 @@ class Chunker:
             chunk_overlap=chunk_overlap,
             separators=["\n\n", "\n", ". ", " ", ""],
             keep_separator="end",
-            add_start_index=True,
             strip_whitespace=True,
         )
 
     def split(self, doc: Document, departments: list[str]) -> list[Chunk]:
         chunks = []
-        for i, piece in enumerate(self._splitter.create_documents([doc.text])):
-            start = int(piece.metadata["start_index"])
+        prev_start = -1
+        for i, piece in enumerate(self._splitter.split_text(doc.text)):
+            # Locate each piece ourselves: langchain's add_start_index subtracts the overlap
+            # (in tokens) from a length in characters and can miss. Pieces are in order and
+            # each starts after the previous one's start.
+            start = doc.text.find(piece, prev_start + 1)
+            if start < 0:
+                raise DocumentError(f"{doc.source}: internal error locating chunk {i} in the text")
+            prev_start = start
             chunks.append(
                 Chunk(
-                    text=piece.page_content,
+                    text=piece,
                     source=doc.source,
                     title=doc.title,
                     chunk=i,
                     start=start,
-                    end=start + len(piece.page_content),
+                    end=start + len(piece),
                     doc_sha256=doc.sha256,
                     departments=list(departments),
                 )

@@ -35,7 +35,6 @@ from ragpt.errors import (
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FORMAT_VERSION = 1
-KEEP_SNAPSHOTS = 2
 FILTER_FIELDS = ("source", "title", "doc_sha256")
 
 
@@ -252,11 +251,15 @@ class DocumentIndex:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write_text(self.path / "CURRENT", snap_id + "\n")
-        self._prune(keep=snap_id)
+        current = self.path / "CURRENT"
+        previous = current.read_text().strip() if current.is_file() else None
+        atomic_write_text(current, snap_id + "\n")
+        self._prune(keep={snap_id, previous})
         return self.path / snap_id
 
-    def _prune(self, keep: str) -> None:
-        snaps = sorted(p for p in self.path.glob("snap-*") if p.is_dir() and p.name != keep)
-        for old in snaps[: max(0, len(snaps) - (KEEP_SNAPSHOTS - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _prune(self, keep: set[str | None]) -> None:
+        """Delete snapshots other than the new one and the one it replaced (kept for a reader
+        that opened it just before the flip, and for inspection)."""
+        for old in self.path.glob("snap-*"):
+            if old.is_dir() and old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)

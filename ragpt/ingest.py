@@ -69,9 +69,12 @@ def ingest(
     departments = sorted({check_name("department", d) for d in departments})
     if not paths:
         raise RagptError("no documents given")
-    if chunk_tokens > embedder.max_tokens:
+    # The embedder adds its special tokens ([CLS], [SEP]) inside the same window.
+    window = embedder.max_tokens - embedder.tokenizer.num_special_tokens_to_add(pair=False)
+    if chunk_tokens > window:
         raise RagptError(
-            f"chunk_tokens={chunk_tokens} exceeds the embedder's window of {embedder.max_tokens} tokens"
+            f"chunk_tokens={chunk_tokens} exceeds the embedder's window of {window} text tokens "
+            f"({embedder.max_tokens} including special tokens)"
         )
     files = expand_paths(paths)
     docs: list[Document] = [read_document(f) for f in tqdm(files, desc="read", disable=not progress)]

@@ -255,7 +255,7 @@ def real_prompts(sample_index, real_embedder, real_generator):
     rows = []
     for dept in SAMPLE_DEPARTMENTS:
         q = sample_questions(dept)[0]
-        hits = retriever.search(q.question, dept, k=2)
+        hits = retriever.search(q.question, dept, k=1)
         rows.append(build_prompt_ids(tok, q.question, passages_from_hits(hits), department=dept))
     return rows
 

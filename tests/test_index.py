@@ -160,15 +160,20 @@ def test_modified_document_has_its_chunks_replaced(root, corpus, real_embedder):
         assert any("BRAVO-9" in h.chunk.text for h in hits)
 
 
-def test_old_snapshots_are_pruned_but_the_previous_one_is_kept(root, corpus, real_embedder):
-    _ingest(root, [corpus["vacation"]], ["hr"], real_embedder)
-    first = _snapshot(root)
-    _ingest(root, [corpus["passwords"]], ["hr"], real_embedder)
-    second = _snapshot(root)
-    _ingest(root, [corpus["invoices"]], ["hr"], real_embedder)
-    third = _snapshot(root)
-    assert len({first, second, third}) == 3
-    assert not first.exists() and second.is_dir() and third.is_dir()
+def test_each_save_keeps_the_previous_snapshot_and_prunes_older_ones(root, tmp_path, real_embedder):
+    # Several quick updates (often within the same second): after each one, the live snapshot
+    # and the one it replaced must both exist, and nothing older.
+    history = []
+    for i in range(6):
+        doc = write(tmp_path / "many" / f"note-{i}.txt", f"Note {i}\nRoom {i} is booked on day {i}.")
+        _ingest(root, [doc], ["hr"], real_embedder)
+        history.append(_snapshot(root))
+        assert history[-1].is_dir()
+        if i >= 1:
+            assert history[-2].is_dir(), f"update {i}: the previous snapshot {history[-2].name} was pruned"
+        kept = sorted(p.name for p in (root / NAME).glob("snap-*"))
+        assert kept == sorted(p.name for p in history[-2:]), f"update {i}"
+    assert len(set(history)) == 6
 
 
 def test_delete_documents_removes_a_document(root, corpus, real_embedder):
@@ -292,9 +297,12 @@ def test_largest_accepted_chunk_size_is_embedded_without_truncation(root, tmp_pa
     text = " ".join(f"Clause {i} requires approval {i * 7} by the board." for i in range(400))
     doc = write(tmp_path / "long.txt", text)
     window = real_embedder.max_tokens
-    _ingest(root, [doc], ["hr"], real_embedder, chunk_tokens=window, chunk_overlap=16)
-    idx = DocumentIndex.open(root, NAME)
     tok = real_embedder.tokenizer
+    largest = window - tok.num_special_tokens_to_add(pair=False)
+    with pytest.raises(RagptError, match="window"):
+        _ingest(root, [doc], ["hr"], real_embedder, chunk_tokens=largest + 1, chunk_overlap=16)
+    _ingest(root, [doc], ["hr"], real_embedder, chunk_tokens=largest, chunk_overlap=16)
+    idx = DocumentIndex.open(root, NAME)
     lengths = [len(tok(c.text)["input_ids"]) for c in idx.chunks.values()]
     assert max(lengths) <= window, f"chunk of {max(lengths)} tokens > window {window}: truncated"
 

@@ -1,0 +1,340 @@
+"""Serving throughput: cross-department batching vs one request at a time vs one batch per department.
+
+Builds a 4-department index from the sample corpus (hr, it, finance, and "legal", which shares
+four of their documents), registers a random 20-token soft prompt per department in a temporary
+registry, then for each batching mode starts `ragpt serve` (uvicorn on 127.0.0.1, its own process)
+and drives it with 1, 4 and 16 concurrent closed-loop clients, each request for the next of the
+four departments. Reports answers/s and p50/p95 latency, and the soft-prompt overhead: latency
+without a soft prompt, with one from the prefix KV cache, and with one run inline (cache off).
+
+    python benchmarks/serve_throughput.py            # writes benchmarks/results/serve_throughput.{json,md}
+    python benchmarks/serve_throughput.py --quick    # fewer requests, a smoke run
+
+Runs on CPU with one torch thread by default (--threads): on a small shared machine a second
+OpenMP thread mostly spins waiting for a core, which would flatter batching by slowing the
+one-at-a-time baseline. Needs the embedded models (HF_HUB_OFFLINE=1, RAGPT_CACHE_DIR as usual).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `services` is imported from the repository when not installed
+
+from ragpt.config import load_settings  # noqa: E402
+from ragpt.ingest import ingest  # noqa: E402
+from ragpt.models import load_embedder, load_generator_model  # noqa: E402
+from ragpt.registry import PromptRegistry  # noqa: E402
+from ragpt.sample import SAMPLE_DEPARTMENTS, SAMPLE_DIR, department_dir, sample_questions  # noqa: E402
+from ragpt.softprompt import SoftPrompt, base_model_fingerprint  # noqa: E402
+from services.auth import hash_api_key  # noqa: E402
+
+DEPARTMENTS = [*SAMPLE_DEPARTMENTS, "legal"]
+LEGAL_SHARED = ["hr/code-of-conduct-summary.md", "it/email-retention-policy.html",
+                "it/security-incident-reporting.pdf", "finance/vendor-onboarding.md"]
+API_KEY = "bench-key"
+SOFT_TOKENS = 20
+CONCURRENCY = (1, 4, 16)
+MODES = {  # name -> [batching] table of the service config
+    "cross_department": {"policy": "mixed", "max_batch_size": 16, "max_wait_ms": 10},
+    "one_at_a_time": {"policy": "mixed", "max_batch_size": 1, "max_wait_ms": 0},
+    "per_department": {"policy": "per_department", "max_batch_size": 16, "max_wait_ms": 10},
+}
+
+
+# ---------------------------------------------------------------------- fixture: index, prompts, questions
+
+
+def build_fixture(work: Path, chunk_tokens: int) -> dict[str, list[str]]:
+    """Index + registry under `work`; returns questions per department."""
+    settings = load_settings(index_dir=work / "indexes", prompt_dir=work / "prompts")
+    embedder = load_embedder(settings)
+    for dept in SAMPLE_DEPARTMENTS:
+        ingest(settings.index_dir, "bench", [department_dir(dept)], [dept], embedder,
+               chunk_tokens=chunk_tokens, chunk_overlap=min(settings.chunk_overlap, chunk_tokens // 4), progress=False)
+    for rel in LEGAL_SHARED:  # relabel: these documents are readable by their department and legal
+        ingest(settings.index_dir, "bench", [SAMPLE_DIR / rel], [rel.split("/")[0], "legal"], embedder,
+               chunk_tokens=chunk_tokens, chunk_overlap=min(settings.chunk_overlap, chunk_tokens // 4), progress=False)
+    model, _ = load_generator_model(settings)
+    emb = model.get_input_embeddings().weight
+    reg = PromptRegistry(settings.prompt_dir)
+    for i, dept in enumerate(DEPARTMENTS):
+        t = torch.randn(SOFT_TOKENS, emb.shape[1], generator=torch.Generator().manual_seed(i)) * float(emb.std())
+        v = reg.register(SoftPrompt.create(t, department=dept, base_fingerprint=base_model_fingerprint(model)),
+                         actor="benchmark")
+        reg.approve(dept, v, actor="benchmark")
+        reg.activate(dept, v, actor="benchmark")
+    questions = {d: [q.question for q in sample_questions(d)] for d in SAMPLE_DEPARTMENTS}
+    questions["legal"] = [q.question for q in sample_questions() if q.source in LEGAL_SHARED]
+    return questions
+
+
+def write_config(work: Path, name: str, batching: dict, prefix_cache: bool, max_tokens: int) -> Path:
+    lines = ['index = "bench"', "[router]", "enabled = false", "[limits]", f"max_tokens = {max_tokens}",
+             "request_timeout_s = 600", "[batching]",
+             *(f"{k} = {json.dumps(v)}" for k, v in batching.items()), f"prefix_cache = {json.dumps(prefix_cache)}",
+             "max_queue = 256"]
+    for dept in DEPARTMENTS:
+        lines += [f"[departments.{dept}]", f'api_keys = ["{hash_api_key(API_KEY)}"]']
+    path = work / f"serve-{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------- server process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SERVE = ("from ragpt.cli import app; from ragpt.cli_serve import serve\n"
+         "if not any(c.callback is serve for c in app.registered_commands): app.command()(serve)\n"
+         "app()")
+
+
+class Server:
+    """`ragpt serve` in its own process, stopped on exit."""
+
+    def __init__(self, work: Path, config: Path, threads: int, k: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+               "RAGPT_THREADS": str(threads), "RAGPT_K": str(k)}
+        self.log = open(work / f"{config.stem}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, "--index-dir", str(work / "indexes"), "--prompt-dir", str(work / "prompts"),
+             "serve", "--config", str(config), "--port", str(self.port), "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                r = httpx.get(f"{self.url}/readyz", timeout=5)
+                if r.status_code == 200:
+                    return
+                if r.json().get("status") == "failed":
+                    raise RuntimeError(f"server failed to load: {r.json().get('error')}")
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout}s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+# ---------------------------------------------------------------------- load generation
+
+
+def plan(questions: dict[str, list[str]], n: int, offset: int = 0) -> list[tuple[str, str]]:
+    """n requests cycling over the four departments, each with the next of its questions."""
+    out = []
+    for i in range(n):
+        dept = DEPARTMENTS[(offset + i) % len(DEPARTMENTS)]
+        qs = questions[dept]
+        out.append((dept, qs[((offset + i) // len(DEPARTMENTS)) % len(qs)]))
+    return out
+
+
+async def drive(url: str, requests: list[tuple[str, str]], concurrency: int, max_tokens: int,
+                prompt_version: str | None = None) -> dict:
+    """Closed-loop clients: each sends its next request as soon as its previous answer arrived."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for r in requests:
+        queue.put_nowait(r)
+    latencies: list[float] = []
+    records: list[dict] = []
+    errors: list[str] = []
+
+    async def client(c: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            dept, q = queue.get_nowait()
+            body = {"messages": [{"role": "user", "content": q}], "max_tokens": max_tokens, "temperature": 0}
+            if prompt_version:
+                body["prompt_version"] = prompt_version
+            t0 = time.perf_counter()
+            r = await c.post(f"/v1/departments/{dept}/chat", json=body)
+            dt = time.perf_counter() - t0
+            if r.status_code != 200:
+                errors.append(f"{r.status_code}: {r.text[:200]}")
+                continue
+            latencies.append(dt)
+            records.append(r.json())
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits,
+                                 headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return summarize(latencies, records, errors, wall, concurrency)
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]  # nearest rank
+
+
+def summarize(latencies, records, errors, wall, concurrency) -> dict:
+    def mean(key, sub="usage"):
+        vals = [r[sub][key] for r in records]
+        return round(statistics.mean(vals), 3) if vals else None
+
+    return {
+        "clients": concurrency, "requests": len(latencies) + len(errors), "answers": len(latencies),
+        "errors": errors[:5], "wall_s": round(wall, 2),
+        "answers_per_s": round(len(latencies) / wall, 3) if wall > 0 else None,
+        "p50_latency_s": round(pct(latencies, 50), 3) if latencies else None,
+        "p95_latency_s": round(pct(latencies, 95), 3) if latencies else None,
+        "mean_prompt_tokens": mean("prompt_tokens"), "mean_completion_tokens": mean("completion_tokens"),
+        "mean_batch_size": mean("batch_size", "timings"), "mean_queue_s": mean("queue_s", "timings"),
+        "mean_generate_s": mean("generate_s", "timings"),
+    }
+
+
+def warm_up(url: str, questions, max_tokens: int) -> None:
+    # First calls pay one-off costs (kernel selection, the prefix KV of each prompt version).
+    asyncio.run(drive(url, plan(questions, len(DEPARTMENTS), offset=7), 1, max_tokens))
+    asyncio.run(drive(url, plan(questions, 8, offset=11), 8, 4))
+
+
+# ---------------------------------------------------------------------- main
+
+
+def markdown(res: dict) -> str:
+    cfg = res["config"]
+    lines = [
+        "# Serving throughput (benchmarks/serve_throughput.py)", "",
+        f"Generator {cfg['generator']} on CPU ({cfg['cpus']} cores, shared; load average {cfg['load_avg_start']} "
+        f"at start), {cfg['threads']} torch thread(s), bf16 {cfg['bf16']}. {len(DEPARTMENTS)} departments "
+        f"({', '.join(DEPARTMENTS)}), a {SOFT_TOKENS}-token soft prompt each, k={cfg['k']} chunk of "
+        f"{cfg['chunk_tokens']} embedder tokens, max_tokens={cfg['max_tokens']}, greedy. Closed-loop clients; "
+        "requests cycle over the departments. Numbers from one run on a shared machine: compare rows, "
+        "not absolute values.", "",
+        "| mode | clients | requests | answers/s | p50 s | p95 s | mean batch |", "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, levels in res["throughput"].items():
+        for c, r in levels.items():
+            lines.append(f"| {mode} | {c} | {r['answers']} | {r['answers_per_s']} | {r['p50_latency_s']} | "
+                         f"{r['p95_latency_s']} | {r['mean_batch_size']} |")
+    sp = res["speedup_at_16_clients"]
+    lines += ["", f"At 16 clients cross-department batching answers **{sp['cross_vs_one_at_a_time']}x** the "
+              f"answers/s of one request at a time (target: 3x) and {sp['cross_vs_per_department']}x those of one "
+              "batch per department.", "",
+              "## Soft-prompt overhead (1 client, one request at a time)", "",
+              "| variant | requests | p50 s | p95 s | mean prompt tokens |", "|---|---:|---:|---:|---:|"]
+    for name, r in res["soft_prompt_overhead"].items():
+        lines.append(f"| {name} | {r['answers']} | {r['p50_latency_s']} | {r['p95_latency_s']} | "
+                     f"{r['mean_prompt_tokens']} |")
+    lines += ["", "Prompt tokens include the soft prompt's positions; with the prefix cache those are not "
+              "recomputed per request (their KV comes from the cache).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few requests: a smoke run")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--k", type=int, default=1)
+    ap.add_argument("--chunk-tokens", type=int, default=160)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    counts = {1: 2, 4: 4, 16: 16} if args.quick else {1: 4, 4: 8, 16: 16}
+    n_overhead = 2 if args.quick else 4
+    t_start = time.time()
+    load_start = round(os.getloadavg()[0], 2)
+    work = Path(tempfile.mkdtemp(prefix="ragpt-bench-"))
+    try:
+        print(f"[bench] building the 4-department index and prompts in {work}", flush=True)
+        questions = build_fixture(work, args.chunk_tokens)
+        results: dict = {"throughput": {}, "soft_prompt_overhead": {}}
+        for name, batching in MODES.items():
+            server = Server(work, write_config(work, name, batching, True, args.max_tokens), args.threads, args.k)
+            try:
+                server.wait_ready()
+                warm_up(server.url, questions, args.max_tokens)
+                results["throughput"][name] = {}
+                for c in CONCURRENCY:
+                    r = asyncio.run(drive(server.url, plan(questions, counts[c]), c, args.max_tokens))
+                    results["throughput"][name][str(c)] = r
+                    print(f"[bench] {name:17s} clients={c:2d}: {r['answers_per_s']} answers/s, "
+                          f"p50 {r['p50_latency_s']}s, p95 {r['p95_latency_s']}s, batch {r['mean_batch_size']}",
+                          flush=True)
+                if name == "one_at_a_time":  # soft-prompt overhead: one request at a time, same questions
+                    reqs = plan(questions, n_overhead, offset=3)
+                    for label, version in (("no_soft_prompt", "none"), ("soft_prompt_prefix_cache", None)):
+                        r = asyncio.run(drive(server.url, reqs, 1, args.max_tokens, prompt_version=version))
+                        results["soft_prompt_overhead"][label] = r
+                        print(f"[bench] {label}: p50 {r['p50_latency_s']}s", flush=True)
+            finally:
+                server.stop()
+        server = Server(work, write_config(work, "no-prefix-cache", MODES["one_at_a_time"], False, args.max_tokens),
+                        args.threads, args.k)
+        try:
+            server.wait_ready()
+            warm_up(server.url, questions, args.max_tokens)
+            r = asyncio.run(drive(server.url, plan(questions, n_overhead, offset=3), 1, args.max_tokens))
+            results["soft_prompt_overhead"]["soft_prompt_no_prefix_cache"] = r
+            print(f"[bench] soft_prompt_no_prefix_cache: p50 {r['p50_latency_s']}s", flush=True)
+        finally:
+            server.stop()
+        tp = results["throughput"]
+
+        def ratio(a: str, b: str) -> float | None:
+            x, y = tp[a]["16"]["answers_per_s"], tp[b]["16"]["answers_per_s"]
+            return round(x / y, 2) if x and y else None
+
+        results["speedup_at_16_clients"] = {"cross_vs_one_at_a_time": ratio("cross_department", "one_at_a_time"),
+                                            "cross_vs_per_department": ratio("cross_department", "per_department")}
+        from ragpt.generator import resolve_bf16
+
+        s = load_settings()
+        results["config"] = {
+            "generator": s.generator, "embedder": s.embedder, "threads": args.threads, "bf16": resolve_bf16(s.bf16),
+            "k": args.k, "chunk_tokens": args.chunk_tokens, "max_tokens": args.max_tokens,
+            "soft_prompt_tokens": SOFT_TOKENS, "departments": DEPARTMENTS, "requests": counts,
+            "modes": MODES, "cpus": os.cpu_count(), "load_avg_start": load_start,
+            "load_avg_end": round(os.getloadavg()[0], 2), "quick": args.quick,
+            "seconds": round(time.time() - t_start, 1),
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serve_throughput.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / "serve_throughput.md").write_text(markdown(results))
+        print(markdown(results))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

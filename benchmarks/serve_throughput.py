@@ -240,12 +240,13 @@ def markdown(res: dict) -> str:
         f"{cfg['chunk_tokens']} embedder tokens, max_tokens={cfg['max_tokens']}, greedy. Closed-loop clients; "
         "requests cycle over the departments. Numbers from one run on a shared machine: compare rows, "
         "not absolute values.", "",
-        "| mode | clients | requests | answers/s | p50 s | p95 s | mean batch |", "|---|---:|---:|---:|---:|---:|---:|",
+        "| mode | clients | requests | answers/s | p50 s | p95 s | mean batch | mean answer tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, levels in res["throughput"].items():
         for c, r in levels.items():
             lines.append(f"| {mode} | {c} | {r['answers']} | {r['answers_per_s']} | {r['p50_latency_s']} | "
-                         f"{r['p95_latency_s']} | {r['mean_batch_size']} |")
+                         f"{r['p95_latency_s']} | {r['mean_batch_size']} | {r['mean_completion_tokens']} |")
     sp = res["speedup_at_16_clients"]
     lines += ["", f"At 16 clients cross-department batching answers **{sp['cross_vs_one_at_a_time']}x** the "
               f"answers/s of one request at a time (target: 3x) and {sp['cross_vs_per_department']}x those of one "

@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -173,12 +174,17 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 @dataclass
 class Embedder:
-    """A sentence embedder: normalised float32 vectors, so inner product = cosine."""
+    """A sentence embedder: normalised float32 vectors, so inner product = cosine.
+
+    Thread-safe: a fast (Rust) tokenizer may fail when two threads encode at once ("Already
+    borrowed"), and services and LangChain batches call this from worker threads.
+    """
 
     name: str
     model: object  # sentence_transformers.SentenceTransformer
     dim: int
     max_tokens: int
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def tokenizer(self):
@@ -187,13 +193,14 @@ class Embedder:
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self.model.encode(
-            texts,
-            batch_size=batch_size,
-            show_progress_bar=progress,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-        )
+        with self._lock:
+            vecs = self.model.encode(
+                texts,
+                batch_size=batch_size,
+                show_progress_bar=progress,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+            )
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
 

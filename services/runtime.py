@@ -1,0 +1,206 @@
+"""The service's resources, loaded once: models, one pipeline per index, the router, the batcher, the keys.
+
+Everything HTTP-free lives here, so the routes in `services.app` stay thin: which department
+and prompt version a `model` string names, `auto` routing, submission with backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+from ragpt.batching import BatcherStopped, ChatJob, MicroBatcher, Overloaded, Ticket
+from ragpt.config import Settings
+from ragpt.generator import Generator, resolve_bf16
+from ragpt.index import DocumentIndex
+from ragpt.models import Embedder, load_embedder, load_generator_model
+from ragpt.pipeline import Pipeline
+from ragpt.registry import UnknownPromptDepartmentError
+from ragpt.router import DepartmentRouter, chunk_vectors
+from ragpt.template import Turn
+from services.auth import KeyRing
+from services.config import ServiceConfig
+from services.errors import ApiError
+
+log = logging.getLogger("ragpt.service")
+
+
+class SerializedEmbedder(Embedder):
+    """An Embedder whose `encode` runs one call at a time.
+
+    The batcher's worker (retrieval) and the router (in another thread) share the embedder;
+    a fast tokenizer raises "Already borrowed" when two threads encode at once.
+    """
+
+    _lock = threading.Lock()
+
+    @classmethod
+    def wrap(cls, e: Embedder) -> SerializedEmbedder:
+        return e if isinstance(e, cls) else cls(name=e.name, model=e.model, dim=e.dim, max_tokens=e.max_tokens)
+
+    def encode(self, texts, batch_size: int = 64, progress: bool = False):
+        with self._lock:
+            return super().encode(texts, batch_size=batch_size, progress=progress)
+
+
+class ServiceRuntime:
+    def __init__(self, config: ServiceConfig, settings: Settings, *, embedder: Embedder | None = None,
+                 generator: Generator | None = None):
+        updates = {k: v for k, v in (("index_dir", config.index_dir), ("prompt_dir", config.prompt_dir))
+                   if v is not None}
+        self.settings = settings.model_copy(update=updates)
+        self.config = config
+        self.keys = KeyRing({d: c.api_keys for d, c in config.departments.items()},
+                            required=config.require_api_key)
+        self._embedder = embedder
+        self._generator = generator
+        self.pipelines: dict[str, Pipeline] = {}  # department -> pipeline of its index
+        self.router: DepartmentRouter | None = None
+        self.batcher: MicroBatcher | None = None
+        self.status = "loading"  # -> "ready" or "failed"
+        self.error: str | None = None
+        self.started = time.time()
+
+    # -------------------------------------------------------------- lifecycle
+    def load(self) -> None:
+        """Load models, open indexes, build the router, start the batcher. Sets `status`."""
+        try:
+            s, cfg = self.settings, self.config
+            embedder = SerializedEmbedder.wrap(self._embedder or load_embedder(s))
+            generator = self._generator
+            if generator is None:
+                model, tok = load_generator_model(s)
+                generator = Generator(model, tok, bf16=resolve_bf16(s.bf16))
+            by_index: dict[str, Pipeline] = {}
+            for dept in cfg.departments:
+                name = cfg.index_of(dept)
+                if name not in by_index:
+                    by_index[name] = Pipeline(DocumentIndex.open(s.index_dir, name), s,
+                                              embedder=embedder, generator=generator)
+                by_index[name].index.check_department(dept)
+                self.pipelines[dept] = by_index[name]
+            for pipe in by_index.values():
+                _ = pipe.retriever  # checks the index's embedder matches
+            if cfg.router.enabled:
+                vectors = {}
+                for dept, pipe in self.pipelines.items():
+                    ex = [q for q in cfg.departments[dept].examples if q.strip()]
+                    vectors[dept] = embedder.encode(ex) if ex else chunk_vectors(pipe.index, dept)
+                rc = cfg.router
+                self.router = DepartmentRouter(embedder, vectors, method=rc.method, top_m=rc.top_m,
+                                               temperature=rc.temperature)
+            b = cfg.batching
+            self.batcher = MicroBatcher(generator, max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms,
+                                        max_queue=b.max_queue, policy=b.policy, prefix_cache=b.prefix_cache)
+            self.batcher.start()
+            self.status = "ready"
+            log.info("ragpt service ready: %d departments in %.1fs", len(self.pipelines), time.time() - self.started)
+        except Exception as e:
+            self.status = "failed"
+            self.error = f"{type(e).__name__}: {e}"
+            log.error("ragpt service failed to load: %s", self.error)
+            raise
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+
+    def check_ready(self) -> None:
+        if self.status == "ready":
+            return
+        if self.status == "failed":
+            raise ApiError(503, f"the service failed to start: {self.error}", code="not_ready")
+        raise ApiError(503, "the service is still loading its models", code="not_ready",
+                       headers={"Retry-After": "5"})
+
+    # -------------------------------------------------------------- departments and prompts
+    def registry_for(self, dept: str):
+        return self.pipelines[dept].registry
+
+    def resolve_model(self, model: str, allowed: frozenset[str]) -> tuple[str | None, str]:
+        """(department, prompt) named by `model`: "dept", "dept@v3", "dept@none", or (None, ...) for "auto"."""
+        name, sep, version = model.partition("@")
+        if name == "auto":
+            if sep:
+                raise ApiError(400, "'auto' cannot pin a prompt version", code="invalid_model", param="model")
+            return None, "active"
+        if name not in self.config.departments:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise ApiError(404, f"no department {name!r}; this key may use: {known}, or 'auto'",
+                           code="model_not_found", param="model")
+        if name not in allowed:
+            raise ApiError(403, f"this API key may not use department {name!r}", code="permission_denied",
+                           param="model")
+        if not sep:
+            return name, "active"
+        if version == "none":
+            return name, "none"
+        return name, self._check_version(name, version)
+
+    def _check_version(self, dept: str, version: str) -> str:
+        """Only approved (or active) versions are served; drafts are not reviewed yet."""
+        try:
+            states = {r["version"]: r["state"] for r in self.registry_for(dept).versions(dept)}
+        except UnknownPromptDepartmentError:
+            states = {}
+        state = states.get(version)
+        if state is None:
+            raise ApiError(404, f"department {dept!r} has no prompt version {version!r}", code="model_not_found",
+                           param="model")
+        if state not in ("approved", "active"):
+            raise ApiError(404, f"{dept} {version} is a {state}; only approved versions are served",
+                           code="model_not_found", param="model")
+        return version
+
+    def models(self, allowed: frozenset[str]) -> list[dict]:
+        out = []
+        for dept in sorted(allowed):
+            try:
+                rows = self.registry_for(dept).versions(dept)
+            except UnknownPromptDepartmentError:
+                rows = []
+            active = next((r["version"] for r in rows if r["state"] == "active"), None)
+            out.append({"id": dept, "object": "model", "created": int(self.started), "owned_by": "ragpt",
+                        "department": dept, "active_prompt_version": active,
+                        "prompt_versions": [r["version"] for r in rows if r["state"] in ("approved", "active")]})
+        if self.router is not None:
+            out.append({"id": "auto", "object": "model", "created": int(self.started), "owned_by": "ragpt",
+                        "department": None, "active_prompt_version": None, "prompt_versions": []})
+        return out
+
+    # -------------------------------------------------------------- routing and submission
+    async def route(self, question: str, allowed: frozenset[str]) -> tuple[str, str, dict]:
+        """(department, prompt, routing report) for an `auto` request, among the key's departments."""
+        if self.router is None:
+            raise ApiError(400, "'auto' routing is disabled in this service; name a department",
+                           code="invalid_model", param="model")
+        decision = await asyncio.to_thread(self.router.route, question, sorted(allowed))
+        rc = self.config.router
+        confident = decision.confidence >= rc.min_confidence
+        report = {**decision.to_dict(), "min_confidence": rc.min_confidence, "soft_prompt": confident}
+        if confident:
+            return decision.department, "active", report
+        if rc.below_threshold == "refuse":
+            raise ApiError(422, f"cannot tell which department should answer (best {decision.department!r} "
+                                f"with confidence {decision.confidence:.2f} < {rc.min_confidence}); "
+                                "name the department as the model", code="routing_uncertain", param="model")
+        return decision.department, "none", report
+
+    def submit(self, *, department: str, prompt: str, question: str, history: tuple[Turn, ...],
+               k: int | None, max_tokens: int | None, temperature: float | None, stream: bool) -> Ticket:
+        self.check_ready()
+        limits = self.config.limits
+        # A request without max_tokens gets the default, which never exceeds the limit.
+        default = min(limits.default_max_tokens or self.settings.max_new_tokens, limits.max_tokens)
+        job = ChatJob(question=question, department=department, pipeline=self.pipelines[department],
+                      history=history, prompt=prompt, k=k, max_new_tokens=max_tokens or default,
+                      temperature=temperature, stream=stream)
+        try:
+            return self.batcher.submit(job)
+        except Overloaded as e:
+            raise ApiError(503, f"overloaded: {e}; retry later", code="overloaded",
+                           headers={"Retry-After": str(self.config.limits.retry_after_s)}) from e
+        except BatcherStopped as e:
+            raise ApiError(503, str(e), code="not_ready", headers={"Retry-After": "5"}) from e

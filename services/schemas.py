@@ -1,0 +1,108 @@
+"""Request and response bodies, and the one rule that turns chat messages into a question + history.
+
+Messages: the last message must be the user's question; earlier user/assistant turns become
+the conversation history (ragpt.template.Turn). System and developer messages are accepted
+and ignored: the department's system prompt is part of the template that its soft prompt
+was trained with (train as you serve), so a client cannot replace it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ragpt.pipeline import Answer
+from ragpt.template import Turn
+from services.config import LimitsConfig
+from services.errors import ApiError
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text":
+                raise ApiError(400, f"message content of type {part.type!r} is not supported (text only)",
+                               code="unsupported_content", param="messages")
+        return "".join(p.text or "" for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request; fields ragpt does not use (top_p, user, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(description="A department, 'dept@version' for a pinned prompt version, or 'auto'.")
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    k: int | None = Field(None, ge=1, description="ragpt extension: chunks to retrieve.")
+
+
+class DepartmentChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[ChatMessage]
+    k: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    stream: bool = False
+    prompt_version: str | None = Field(None, description="Pin a prompt version; default: the active one.")
+
+
+def question_and_history(messages: list[ChatMessage], limits: LimitsConfig) -> tuple[str, tuple[Turn, ...]]:
+    """(question, history) from chat messages, enforcing the message limits."""
+    if not messages:
+        raise ApiError(400, "messages must hold at least one user message", code="invalid_request", param="messages")
+    if len(messages) > limits.max_messages:
+        raise ApiError(400, f"too many messages: {len(messages)} (limit {limits.max_messages})",
+                       code="too_many_messages", param="messages")
+    turns = []
+    for i, m in enumerate(messages):
+        text = m.text()
+        if len(text) > limits.max_message_chars:
+            raise ApiError(400, f"message {i} has {len(text)} characters (limit {limits.max_message_chars})",
+                           code="message_too_long", param=f"messages.{i}.content")
+        if m.role in ("user", "assistant"):
+            turns.append(Turn(m.role, text))
+    if not turns or turns[-1].role != "user":
+        raise ApiError(400, "the last message must be the user's question", code="invalid_request",
+                       param="messages")
+    question = turns[-1].content
+    if not question.strip():
+        raise ApiError(400, "the question (last user message) is empty", code="empty_question", param="messages")
+    return question, tuple(turns[:-1])
+
+
+def check_generation_limits(max_tokens: int | None, k: int | None, limits: LimitsConfig) -> None:
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit of {limits.max_tokens}",
+                       code="max_tokens_exceeded", param="max_tokens")
+    if k is not None and k > limits.max_k:
+        raise ApiError(400, f"k {k} exceeds the limit of {limits.max_k}", code="k_exceeded", param="k")
+
+
+def citations_json(answer_or_citations) -> list[dict]:
+    cites = answer_or_citations.citations if isinstance(answer_or_citations, Answer) else answer_or_citations
+    return [{"source": c.source, "title": c.title, "chunk": c.chunk, "score": c.score} for c in cites]

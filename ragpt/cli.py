@@ -12,6 +12,7 @@ import typer
 
 from ragpt.cli_common import fail as _fail
 from ragpt.cli_common import settings_from_ctx as _settings
+from ragpt.cli_eval import eval_cmd, import_data
 from ragpt.cli_prompts import prompts_app
 from ragpt.errors import RagptError
 
@@ -27,6 +28,8 @@ models_app = typer.Typer(help="Prepare and inspect the generator and embedder.",
 app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
 app.add_typer(prompts_app, name="prompts")
+app.command("eval")(eval_cmd)
+app.command("import-data")(import_data)
 
 
 
@@ -230,49 +233,6 @@ def train(
         typer.echo(json.dumps(summary, indent=2))
 
 
-@app.command("eval")
-def eval_cmd(
-    ctx: typer.Context,
-    department: Annotated[str, typer.Option("--department", "-d", help="Department to evaluate.")],
-    data: Annotated[Path, typer.Option(help="QA file: JSONL or SQuAD JSON.")],
-    index: Annotated[str, typer.Option("--index", "-i", help="Index to retrieve from.")] = "sample",
-    prompt: Annotated[list[str] | None, typer.Option(
-        help="Methods: 'none', 'active' or a registry version; repeat to compare (default: none + active).")] = None,
-    k: Annotated[int, typer.Option("-k", help="Retrieved chunks per question.")] = 2,
-    gold_context: Annotated[str, typer.Option(help="never: retrieved context only; always: gold passage first.")]
-    = "never",
-    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N questions.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Max new tokens per answer.")] = 48,
-    out: Annotated[Path | None, typer.Option(help="Write the JSON results here.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
-) -> None:
-    """Score answers (token-F1 / EM, SQuAD normalisation) without and with soft prompts."""
-    from ragpt.atomic import atomic_write_json
-    from ragpt.evaluation import evaluate_methods
-    from ragpt.pipeline import Pipeline
-    from ragpt.qa import load_qa
-
-    try:
-        s = _settings(ctx)
-        pipe = Pipeline.open(index, settings=s)
-        qas = [q for q in load_qa(data) if q.department in (None, department)][:limit]
-        methods = {}
-        for name in prompt or ["none", "active"]:
-            tensor, version = pipe.resolve_prompt(department, name)
-            if name != "none" and tensor is None:
-                continue  # no active version: nothing to compare
-            methods["none" if tensor is None else f"soft:{version}"] = tensor
-        res = evaluate_methods(pipe.generator, pipe.retriever, qas, department, methods, k=k,
-                               gold_context=gold_context, max_new_tokens=max_tokens, progress=not quiet)
-    except RagptError as e:
-        _fail(e)
-    if out:
-        atomic_write_json(out, res)
-    typer.echo(f"{department}: n={res['n']}, retrieval hit {res['retrieval_hit_rate']}%, context={gold_context}")
-    for name, m in res["methods"].items():
-        typer.echo(f"  {name:12s} F1 {m['f1']:6.2f}  EM {m['em']:6.2f}  ({m['seconds_per_answer']}s/answer)")
-
-
 @index_app.command("info")
 def index_info(
     ctx: typer.Context,
@@ -299,24 +259,6 @@ def index_list(ctx: typer.Context) -> None:
         _fail(e)
     for p in sorted(root.glob("*/CURRENT")):
         typer.echo(p.parent.name)
-
-
-@app.command("import-data")
-def import_data(
-    ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Data set: doc2dial or policyqa.")],
-    out: Annotated[Path, typer.Option(help="Output folder (docs/<dept>/ and qa/<dept>.<split>.jsonl).")],
-) -> None:
-    """Convert a shared public QA set (under data_dir) into documents + QA files for ingest/train/eval."""
-    from ragpt.datasets import IMPORTERS
-
-    if name not in IMPORTERS:
-        _fail(RagptError(f"unknown data set {name!r}; known: {', '.join(IMPORTERS)}"))
-    try:
-        summary = IMPORTERS[name](_settings(ctx).data_dir, out)
-    except RagptError as e:
-        _fail(e)
-    typer.echo(json.dumps(summary, indent=2))
 
 
 @models_app.command("prepare")

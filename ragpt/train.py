@@ -144,7 +144,7 @@ class PromptModule(torch.nn.Module):
 # ---------------------------------------------------------------------------- data
 
 
-def _gold_passage(qa: QAExample, max_chars: int = 900) -> ContextPassage | None:
+def gold_passage(qa: QAExample, max_chars: int = 900) -> ContextPassage | None:
     """A window of the gold context around the answer (the whole context when short)."""
     if not qa.context:
         return None
@@ -173,7 +173,7 @@ def build_examples(
         for qa, hits in zip(chunk, hits_list):
             passages = [ContextPassage(h.chunk.text, h.chunk.source, h.chunk.title) for h in hits]
             hit = any(answer_in_text(qa.answers, p.text) for p in passages)
-            gold = _gold_passage(qa)
+            gold = gold_passage(qa)
             if gold is not None and (cfg.gold_context == "always" or (cfg.gold_context == "missed" and not hit)):
                 # Replace the lowest-ranked passage: the prompt length stays what serving sees.
                 passages = [gold] + passages[: max(0, cfg.k - 1)]

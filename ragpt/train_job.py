@@ -63,6 +63,7 @@ def run_training(
     log=print,
 ) -> dict:
     """Train a department prompt; on the main process register it as a draft. Returns a summary."""
+    from ragpt.datasets import TRAINING_QUESTIONS_META_KEY, question_hashes
     from ragpt.registry import PromptRegistry
     from ragpt.softprompt import SoftPrompt, base_model_fingerprint
 
@@ -98,7 +99,9 @@ def run_training(
         hyperparameters=result.hyperparameters,
         metrics=result.metrics,
         author=actor or getpass.getuser(),
-        extra={"index": index, "generator": settings.generator, "evals": result.evals},
+        # Hashes of the normalised training questions: eval refuses a test set that overlaps them.
+        extra={"index": index, "generator": settings.generator, "evals": result.evals,
+               TRAINING_QUESTIONS_META_KEY: question_hashes(qas + (dev_qas or []))},
     )
     if register:
         registry = PromptRegistry(Path(settings.prompt_dir))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 
 from ragpt.batching import BatcherStopped, ChatJob, MicroBatcher, Overloaded, Ticket
@@ -25,24 +24,6 @@ from services.config import ServiceConfig
 from services.errors import ApiError
 
 log = logging.getLogger("ragpt.service")
-
-
-class SerializedEmbedder(Embedder):
-    """An Embedder whose `encode` runs one call at a time.
-
-    The batcher's worker (retrieval) and the router (in another thread) share the embedder;
-    a fast tokenizer raises "Already borrowed" when two threads encode at once.
-    """
-
-    _lock = threading.Lock()
-
-    @classmethod
-    def wrap(cls, e: Embedder) -> SerializedEmbedder:
-        return e if isinstance(e, cls) else cls(name=e.name, model=e.model, dim=e.dim, max_tokens=e.max_tokens)
-
-    def encode(self, texts, batch_size: int = 64, progress: bool = False):
-        with self._lock:
-            return super().encode(texts, batch_size=batch_size, progress=progress)
 
 
 class ServiceRuntime:
@@ -68,7 +49,9 @@ class ServiceRuntime:
         """Load models, open indexes, build the router, start the batcher. Sets `status`."""
         try:
             s, cfg = self.settings, self.config
-            embedder = SerializedEmbedder.wrap(self._embedder or load_embedder(s))
+            # The batcher's worker (retrieval) and the router (another thread) share the embedder;
+            # Embedder.encode serialises its calls itself.
+            embedder = self._embedder or load_embedder(s)
             generator = self._generator
             if generator is None:
                 model, tok = load_generator_model(s)

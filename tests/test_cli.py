@@ -22,6 +22,10 @@ SUBCOMMANDS = {
     ("index", "list"): "List the indexes",
     ("models",): "generator and embedder",
     ("models", "prepare"): "Load both models",
+    ("train",): "soft prompt",
+    ("eval",): "Evaluate methods",
+    ("import-data",): "shared public QA set",
+    ("prompts",): "Soft-prompt registry",
 }
 
 

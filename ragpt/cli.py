@@ -14,6 +14,7 @@ from ragpt.cli_common import fail as _fail
 from ragpt.cli_common import settings_from_ctx as _settings
 from ragpt.cli_eval import eval_cmd, import_data
 from ragpt.cli_prompts import prompts_app
+from ragpt.cli_serve import serve
 from ragpt.errors import RagptError
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ models_app = typer.Typer(help="Prepare and inspect the generator and embedder.",
 app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
 app.add_typer(prompts_app, name="prompts")
+app.command()(serve)
 app.command("eval")(eval_cmd)
 app.command("import-data")(import_data)
 

@@ -118,6 +118,7 @@ async def _with_deadline(ticket: Ticket, awaitable, deadline: float, what: str):
     remaining = deadline - time.monotonic()
     try:
         if remaining <= 0:
+            awaitable.close()  # never awaited: close it rather than leak a warning
             raise asyncio.TimeoutError
         return await asyncio.wait_for(awaitable, remaining)
     except asyncio.TimeoutError:

@@ -43,6 +43,16 @@ IT_Q = "How do I connect to the VPN from home?"
 FIN_Q = "Who has to approve an invoice above 10,000 EUR?"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for this module: the models here gain nothing from more, and on a busy
+    shared machine a second OpenMP thread mostly spin-waits for a core (tests ran 5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _auth(key: str) -> dict:
     return {"Authorization": f"Bearer {KEYS[key]}"}
 
@@ -513,7 +523,7 @@ def test_ragpt_serve_starts_the_service_from_a_config_file(settings, gen, tmp_pa
               "if not any(c.callback is serve for c in app.registered_commands): app.command()(serve)\n"
               "app()")
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, "--generator", str(tmp_path / "tiny"), "--bf16", "off",
+        [sys.executable, "-c", script, "--generator", str(tmp_path / "tiny"), "--bf16", "off", "--threads", "1",
          "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )

@@ -149,7 +149,8 @@ def main() -> None:
     mean_answer = statistics.mean(len(ids) - s for ids, s in rows)
     out = {
         "config": {**vars(args), "mean_sequence_tokens": round(mean_len, 1),
-                   "mean_answer_tokens": round(mean_answer, 1), "torch_threads": __import__("torch").get_num_threads(), "python": sys.version.split()[0]},
+                   "mean_answer_tokens": round(mean_answer, 1),
+                   "torch_threads": __import__("torch").get_num_threads(), "python": sys.version.split()[0]},
         "median": summary, "speedup_tokens_per_second": round(speedup, 2), "runs": runs,
     }
     RESULTS.mkdir(exist_ok=True)

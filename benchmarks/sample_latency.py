@@ -1,7 +1,7 @@
 """Ingest rate and answer latency on the sample corpus, embedded default models.
 
 Measures, in one run: ingest (chunks/s, fresh index); retrieval latency; answer latency for
-one question at a time and per answer in batches of 8, with bf16 autocast off vs on
+one question at a time and per answer in batches of 8, with bf16 (a bf16 copy of the frozen weights) off vs on
 (alternating, same questions, so the ratio is measured side by side).
 
     .venv/bin/python benchmarks/sample_latency.py [--questions 12] [--max-tokens 48]
@@ -107,7 +107,7 @@ def main() -> None:
         f"{out['load_seconds']['generator_cached']} s",
         f"- retrieval (hybrid, k={settings.k}): p50 {out['retrieve_ms_p50']} ms",
         f"- answer, one at a time (max {args.max_tokens} new tokens): fp32 p50 {a['fp32']['p50']} s / p95 "
-        f"{a['fp32']['p95']} s; bf16 autocast p50 {a['bf16']['p50']} s / p95 {a['bf16']['p95']} s "
+        f"{a['fp32']['p95']} s; bf16 p50 {a['bf16']['p50']} s / p95 {a['bf16']['p95']} s "
         f"(bf16 speed-up {out['bf16_speedup_p50']}x)",
         f"- answer, batches of 8: fp32 {batched['fp32']:.3f} s/answer, bf16 {batched['bf16']:.3f} s/answer",
         "", "Command: `.venv/bin/python benchmarks/sample_latency.py " + " ".join(sys.argv[1:]) + "`",

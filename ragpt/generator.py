@@ -126,6 +126,12 @@ class PrefixCache:
 
 class Generator:
     def __init__(self, model, tokenizer, *, bf16: bool = False, prefix_cache_size: int = 64):
+        from ragpt.models import inference_model
+
+        # bf16 runs on a bf16 copy of the frozen weights (see models.inference_model for why not
+        # autocast); the fp32 original stays the base model's identity (fingerprints).
+        self.base_model = model
+        model = inference_model(model, bool(bf16))
         self.model = model
         self.tokenizer = tokenizer
         self.bf16 = bool(bf16)
@@ -143,7 +149,9 @@ class Generator:
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
-        if not self.bf16:
+        # Weights already in bf16 (the inference copy) need no autocast; kept for fp32 weights
+        # on devices where autocast pays (e.g. a GPU deployment that passes bf16 without a copy).
+        if not self.bf16 or self.embedding.weight.dtype == torch.bfloat16:
             return contextlib.nullcontext()
         device = self.embedding.weight.device.type
         return torch.autocast(device_type=device, dtype=torch.bfloat16)

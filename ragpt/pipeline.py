@@ -88,7 +88,7 @@ class Pipeline:
         self._generator = generator
         self._retriever: Retriever | None = None
         self._registry = None
-        self._base_model = generator.model if generator is not None else None
+        self._base_model = generator.base_model if generator is not None else None
         self._prompt_cache: dict[tuple[str, str], torch.Tensor] = {}
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -153,7 +153,7 @@ class Pipeline:
             from ragpt.softprompt import base_model_fingerprint
 
             gen = self.generator
-            base = self._base_model or gen.model
+            base = self._base_model or gen.base_model
             sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(base),
                                     hidden_size=gen.hidden_size)
             self._prompt_cache[key] = sp.tensor

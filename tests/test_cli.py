@@ -26,7 +26,7 @@ SUBCOMMANDS = {
     ("eval",): "Evaluate methods",
     ("import-data",): "shared public QA set",
     ("prompts",): "Soft-prompt registry",
-    ("serve",): "chat service",
+    ("serve",): "chat endpoints",
 }
 
 

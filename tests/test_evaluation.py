@@ -299,7 +299,7 @@ def test_import_ingest_train_eval_writes_a_reproducible_report(tiny_tokenizer, t
     assert dmv["methods"]["soft:v1"]["method"]["trainable_parameters"] == 4 * 64
     assert dmv["methods"]["soft:v1"]["method"]["details"]["version"] == "v1"
     check = dmv["hygiene"]["methods"]["soft:v1"]
-    assert check["status"] == "clean" and "reproduces" in check["source"]
+    assert check["status"] == "clean" and "question hashes" in check["source"]  # recorded by ragpt train
     assert dmv["hygiene"]["documents"]["shared_with_training_data"] == 0  # split by document
     for m in ("em", "f1", "rouge_l", "vs_none"):
         assert m in dmv["methods"]["lora"]

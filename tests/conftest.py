@@ -93,6 +93,16 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread_per_module():
+    """One intra-op thread for a module that asks for it: its models gain nothing from more, and
+    on a busy shared machine a second OpenMP thread mostly spin-waits for a core (5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

@@ -44,13 +44,8 @@ FIN_Q = "Who has to approve an invoice above 10,000 EUR?"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread for this module: the models here gain nothing from more, and on a busy
-    shared machine a second OpenMP thread mostly spin-waits for a core (tests ran 5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _threads(one_torch_thread_per_module):
+    """See conftest.one_torch_thread_per_module."""
 
 
 def _auth(key: str) -> dict:

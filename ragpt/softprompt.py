@@ -218,17 +218,23 @@ class SoftPrompt:
         return cls(tensor=t.to(torch.float32).contiguous(), meta=meta)
 
 
-def read_meta(folder: Path | str) -> dict[str, Any]:
-    """meta.json of a prompt folder, checked for the keys `load` relies on (no tensor read)."""
-    path = Path(folder) / META_FILE
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or SoftPromptError naming the file and what is wrong."""
     if not path.is_file():
         raise SoftPromptError(f"{path}: missing")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SoftPromptError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise SoftPromptError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if not isinstance(obj, dict):
+        raise SoftPromptError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_meta(folder: Path | str) -> dict[str, Any]:
+    """meta.json of a prompt folder, checked for the keys `load` relies on (no tensor read)."""
+    path = Path(folder) / META_FILE
+    meta = _read_json_object(path)
     fv = meta.get("format_version", FORMAT_VERSION)
     if not isinstance(fv, int) or isinstance(fv, bool):
         raise SoftPromptError(f"{path}: format_version {fv!r} is not an integer")
@@ -366,14 +372,7 @@ def import_peft(
     folder = Path(folder)
     cfg_path = folder / PEFT_CONFIG_FILE
     w_path = folder / PEFT_WEIGHTS_FILE
-    if not cfg_path.is_file():
-        raise SoftPromptError(f"{cfg_path}: missing")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SoftPromptError(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise SoftPromptError(f"{cfg_path}: expected a JSON object")
+    cfg = _read_json_object(cfg_path)
     if cfg.get("peft_type") != "PROMPT_TUNING":
         raise SoftPromptError(
             f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}, only PROMPT_TUNING is supported"

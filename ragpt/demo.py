@@ -48,4 +48,7 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
     out(f"\n{stats['questions']} questions; gold source in top-{settings.k}: "
         f"{stats['source_in_top_k']}/{stats['questions']} ({100 * stats['source_in_top_k'] / n:.0f}%); "
         f"{stats['answer_seconds'] / n:.2f}s per answer (batches of {BATCH})")
+    out(f"\nNext: `ragpt ask -i {index} -d hr \"...\"`, train a department prompt with `ragpt train`, "
+        "release it with `ragpt prompts approve/activate`, serve with `ragpt serve --config service.toml` "
+        "(see README).")
     return stats

@@ -33,6 +33,7 @@ def main() -> None:
 
     from ragpt.config import load_settings
     from ragpt.generator import Generator
+    from ragpt.index import DocumentIndex
     from ragpt.ingest import ingest
     from ragpt.models import load_embedder, load_generator_model
     from ragpt.pipeline import Pipeline, Question
@@ -63,10 +64,8 @@ def main() -> None:
     qs = sample_questions()[:: max(1, 60 // args.questions)][: args.questions]
     pipes = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
-        pipe = Pipeline.open("sample", settings=settings)
-        pipe._embedder = emb
-        pipe._generator = Generator(model, tok, bf16=bf16)
-        pipes[name] = pipe
+        pipes[name] = Pipeline(DocumentIndex.open(tmp, "sample"), settings, embedder=emb,
+                               generator=Generator(model, tok, bf16=bf16))
     pipes["fp32"].ask(qs[0].question, qs[0].department)  # warm-up
     single = {n: [] for n in pipes}
     retrieve = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from ragpt.config import Settings
+from ragpt.index import DocumentIndex
 from ragpt.ingest import ingest
 from ragpt.models import load_embedder
 from ragpt.pipeline import Pipeline, Question
@@ -24,8 +25,7 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
             f"{len(rep.unchanged)} unchanged, {rep.chunks_embedded} chunks embedded "
             f"({rep.chunks_per_second:.0f} chunks/s)")
 
-    pipe = Pipeline.open(index, settings=settings)
-    pipe._embedder = embedder  # already loaded above
+    pipe = Pipeline(DocumentIndex.open(settings.index_dir, index), settings, embedder=embedder)
     stats = {"questions": 0, "source_in_top_k": 0, "answer_seconds": 0.0}
     for dept in SAMPLE_DEPARTMENTS:
         qs = sample_questions(dept)[:limit]

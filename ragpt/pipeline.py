@@ -202,9 +202,10 @@ class Pipeline:
         s = self.settings
         k = k or s.k
         t0 = time.perf_counter()
-        all_hits = [
-            self.retriever.search(q.text, q.department, k, q.filters) for q in questions
-        ]
+        # One embedder batch for all questions, each with its own department and filters.
+        all_hits = self.retriever.search_many(
+            [q.text for q in questions], [q.department for q in questions], k, [q.filters for q in questions]
+        )
         t1 = time.perf_counter()
         gen = self.generator
         prompts = [

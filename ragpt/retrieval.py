@@ -8,6 +8,7 @@ never sees another department's chunk.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import bm25s
@@ -92,13 +93,17 @@ class Retriever:
         questions: list[str],
         departments: list[str],
         k: int = 3,
-        filters: dict | None = None,
+        filters: dict | Sequence[dict | None] | None = None,
         *,
         query_vectors: np.ndarray | None = None,
     ) -> list[list[RetrievedChunk]]:
-        """Search several questions at once (one embedder batch), each with its own department."""
+        """Search several questions at once (one embedder batch), each with its own department
+        and either shared filters (a dict) or one filter dict (or None) per question."""
         if len(questions) != len(departments):
             raise ValueError("one department per question expected")
+        per_question = list(filters) if isinstance(filters, (list, tuple)) else [filters] * len(questions)
+        if len(per_question) != len(questions):
+            raise ValueError("one filter dict per question expected")
         for q in questions:
             if not isinstance(q, str) or not q.strip():
                 raise EmptyQuestionError("the question is empty")
@@ -109,8 +114,8 @@ class Retriever:
             vecs = query_vectors if query_vectors is not None else self.embedder.encode(list(questions))
             vecs = np.atleast_2d(vecs).astype(np.float32)
         return [
-            self._search_one(q, d, k, filters, None if vecs is None else vecs[i : i + 1])
-            for i, (q, d) in enumerate(zip(questions, departments))
+            self._search_one(q, d, k, f, None if vecs is None else vecs[i : i + 1])
+            for i, (q, d, f) in enumerate(zip(questions, departments, per_question))
         ]
 
     def _search_one(self, question, department, k, filters, qvec) -> list[RetrievedChunk]:

@@ -64,14 +64,14 @@ def run_method(method: str, rows, steps: int, batch_size: int, dtype: str, n_tok
     batches = [rows[(i * batch_size) % len(rows):][:batch_size] for i in range(steps + 1)]
     batches = [b if len(b) == batch_size else rows[:batch_size] for b in batches]
 
-    if method in ("ragpt", "ragpt_bf16_weights"):
+    if method in ("ragpt", "ragpt_autocast"):
         import contextlib
 
         from ragpt.models import inference_model
         from ragpt.qa import QAExample
         from ragpt.train import PromptModule, TrainExample, answer_loss_sum
 
-        if method == "ragpt_bf16_weights":  # frozen weights as a bf16 copy: bf16 compute without autocast
+        if method == "ragpt" and dtype == "bf16":  # what train_prompt does: a frozen bf16 copy of the weights
             model = inference_model(model, True)
             autocast = None
         module = PromptModule(model.get_input_embeddings().weight[:n_tokens].detach().clone())
@@ -135,7 +135,9 @@ def main() -> None:
 
     rows = build_rows(60, args.k, args.max_context_tokens)
     ctx = mp.get_context("spawn")
-    methods = ("ragpt", "peft", "ragpt_bf16_weights") if args.dtype == "bf16" else ("ragpt", "peft")
+    # ragpt_autocast: our loss on the fp32 weights under autocast, to separate what the answer-only
+    # LM head + causal-only attention buy from what the bf16 weight copy buys.
+    methods = ("ragpt", "peft", "ragpt_autocast") if args.dtype == "bf16" else ("ragpt", "peft")
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for _ in range(args.repeats):
         for method in methods:
@@ -165,12 +167,15 @@ def main() -> None:
           "| method | tokens/s | s/step | peak RSS (MB) |", "|---|---|---|---|"]
     for m, s in summary.items():
         md.append(f"| {m} | {s['tokens_per_second']:.0f} | {s['seconds_per_step']:.2f} | {s['peak_rss_mb']:.0f} |")
-    md += ["", f"ragpt / PEFT tokens/s: **{speedup:.2f}x** (both bf16 autocast, fp32 prompt)"]
-    if "ragpt_bf16_weights" in summary:
-        sp2 = summary["ragpt_bf16_weights"]["tokens_per_second"] / summary["peft"]["tokens_per_second"]
-        out["speedup_bf16_weights_tokens_per_second"] = round(sp2, 2)
+    if args.dtype == "bf16":
+        md += ["", f"ragpt (trainer path: bf16 weight copy, fp32 prompt) / PEFT (bf16 autocast, fp32 prompt) "
+                   f"tokens/s: **{speedup:.2f}x**"]
+        sp2 = summary["ragpt_autocast"]["tokens_per_second"] / summary["peft"]["tokens_per_second"]
+        out["speedup_autocast_tokens_per_second"] = round(sp2, 2)
         (RESULTS / "train_throughput.json").write_text(json.dumps(out, indent=2) + "\n")
-        md += [f"ragpt with a bf16 copy of the frozen weights / PEFT autocast: **{sp2:.2f}x**"]
+        md += [f"ragpt's loss under the same autocast as PEFT / PEFT: **{sp2:.2f}x**"]
+    else:
+        md += ["", f"ragpt / PEFT tokens/s (both fp32): **{speedup:.2f}x**"]
     md += ["",
            "Command: `.venv/bin/python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]) + "`"]
     (RESULTS / "train_throughput.md").write_text("\n".join(md) + "\n")

@@ -17,7 +17,8 @@ def test_demo_ingests_the_sample_corpus_and_answers_with_cited_sources(tmp_path,
     gen_dir = tmp_path / "tiny-generator"
     build_tiny_model(tiny_tokenizer).save_pretrained(gen_dir)
     tiny_tokenizer.save_pretrained(gen_dir)
-    settings = Settings(index_dir=tmp_path / "indexes", generator=str(gen_dir), max_new_tokens=4, bf16="off")
+    settings = Settings(index_dir=tmp_path / "indexes", generator=str(gen_dir), max_new_tokens=4, bf16="off",
+                        prompt_dir=tmp_path / "prompts", data_dir=tmp_path / "no-data")
     lines: list[str] = []
     stats = run_demo(settings, index="demo", limit=2, progress=False, out=lines.append)
 
@@ -25,6 +26,7 @@ def test_demo_ingests_the_sample_corpus_and_answers_with_cited_sources(tmp_path,
     assert stats["source_in_top_k"] >= stats["questions"] - 1
     assert sum(line.startswith("\nQ: ") for line in lines) == stats["questions"]
     assert any("ragpt/sample_corpus/hr/" in line and "#chunk" in line for line in lines)
+    assert stats["shipped"] == {} and any("no active department prompts" in line for line in lines)
     index = DocumentIndex.open(settings.index_dir, "demo")
     assert index.departments == sorted(SAMPLE_DEPARTMENTS)
     assert index.manifest["n_documents"] == 36
@@ -33,3 +35,40 @@ def test_demo_ingests_the_sample_corpus_and_answers_with_cited_sources(tmp_path,
     lines.clear()
     run_demo(settings, index="demo", limit=1, progress=False, out=lines.append)
     assert all("0 added" in line and "12 unchanged" in line for line in lines if line.startswith("[ingest]"))
+
+
+def test_demo_serves_departments_with_shipped_prompts(tmp_path, tiny_tokenizer):
+    """A department with an active prompt and its data set under data_dir is imported, ingested
+    into the index "shared" and answered with and without its prompt."""
+    import torch
+    from test_datasets import make_doc2dial
+
+    from ragpt.config import Settings
+    from ragpt.demo import SHIPPED_INDEX, run_demo
+    from ragpt.index import DocumentIndex
+    from ragpt.registry import PromptRegistry
+    from ragpt.softprompt import SoftPrompt, base_model_fingerprint
+
+    gen_dir = tmp_path / "tiny-generator"
+    model = build_tiny_model(tiny_tokenizer)
+    model.save_pretrained(gen_dir)
+    tiny_tokenizer.save_pretrained(gen_dir)
+    settings = Settings(index_dir=tmp_path / "indexes", generator=str(gen_dir), max_new_tokens=4, bf16="off",
+                        prompt_dir=tmp_path / "prompts", data_dir=make_doc2dial(tmp_path / "data"),
+                        cache_dir=tmp_path / "cache")
+    from ragpt.models import load_generator_model
+
+    fp = base_model_fingerprint(load_generator_model(settings)[0])
+    reg = PromptRegistry(settings.prompt_dir)
+    v = reg.register(SoftPrompt.create(torch.randn(3, model.config.hidden_size), department="dmv",
+                                       base_fingerprint=fp), actor="test")
+    reg.approve("dmv", v, actor="test")
+    reg.activate("dmv", v, actor="test")
+
+    lines: list[str] = []
+    stats = run_demo(settings, index="demo", limit=2, progress=False, out=lines.append)
+
+    assert set(stats["shipped"]) == {"dmv"}  # ssa is in the data but has no prompt: not served
+    assert stats["shipped"]["dmv"]["version"] == v and stats["shipped"]["dmv"]["questions"] == 2
+    assert sum(line.startswith("\nQ: fee for") and f"A ({v}):" in line for line in lines) == 2
+    assert DocumentIndex.open(settings.index_dir, SHIPPED_INDEX).departments == ["dmv"]

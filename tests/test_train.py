@@ -233,4 +233,4 @@ def test_two_processes_under_torchrun_match_one_process(tiny_tokenizer, sample_i
     assert not torch.equal(p_one, torch.zeros_like(p_one))
     # Float tolerance: each process sums its half of the batch, so reduction order differs; Adam's
     # normalised update turns that into ~1e-5 absolute noise on near-zero coordinates.
-    torch.testing.assert_close(p_two, p_one, rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(p_two, p_one, rtol=1e-4, atol=1e-4)

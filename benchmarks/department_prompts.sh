@@ -43,7 +43,7 @@ for d in $DEPTS; do
 
   v=$("$RAGPT" prompts list -d "$d" --json 2>/dev/null | "$PY" -c \
     'import json,sys; print(next((r["version"] for r in json.load(sys.stdin) if r["state"] == "active"), ""))' \
-    || true)
+    2>/dev/null || true)  # a department not in the registry yet: no output
   if [ -z "$v" ]; then
     echo "== $d: train ($STEPS steps)"
     mkdir -p "$OUT/$d"

@@ -23,6 +23,15 @@ def _f1(entry: dict | None) -> str:
     return f"{f['mean']:.1f} [{f['low']:.1f}, {f['high']:.1f}]"
 
 
+def _diff(entry: dict | None) -> str:
+    """Paired difference to no prompt on the same questions; * when its interval excludes 0."""
+    if entry is None or "vs_none" not in entry:
+        return "-"
+    f = entry["vs_none"]["f1"]
+    star = "*" if f["low"] > 0 or f["high"] < 0 else ""
+    return f"{f['mean']:+.1f} [{f['low']:+.1f}, {f['high']:+.1f}]{star}"
+
+
 def _by_kind(methods: dict) -> dict[str, dict]:
     """Method results keyed by kind (none, instruction, soft, lora); soft keys carry a version."""
     return {m["method"]["kind"]: m for m in methods.values()}
@@ -54,16 +63,23 @@ def summarise(out: Path) -> dict:
         lora = row.get("retrieved", {}).get("methods", {}).get("lora")
         if lora:
             row["lora"] = {"parameters": lora["method"]["trainable_parameters"], "bytes": lora["method"]["bytes"]}
+        state_file = Path("prompts") / d / "state.json"
+        if soft and state_file.is_file():
+            st = json.loads(state_file.read_text())
+            v = row["training"]["version"]
+            row["registry_state"] = "active" if st.get("active") == v else st["versions"][v]["state"]
         rows[d] = row
     return rows
 
 
 def markdown(rows: dict) -> str:
     lines = [
-        "Token-F1 (SQuAD normalisation) on each department's held-out test questions, bootstrap 95% intervals.",
+        "Token-F1 (SQuAD normalisation) on each department's held-out test questions, bootstrap 95% intervals;",
+        "the last column is the paired difference on the same questions (* : its interval excludes 0).",
         "",
-        "| department | context | n | answer in top-2 | no prompt | instruction | soft prompt | LoRA reference |",
-        "|---|---|---|---|---|---|---|---|",
+        "| department | context | n | answer in top-2 | no prompt | instruction | soft prompt | LoRA reference "
+        "| soft - none (paired) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for d, row in rows.items():
         for context in ("retrieved", "gold"):
@@ -72,8 +88,9 @@ def markdown(rows: dict) -> str:
             c = row[context]
             m = c["methods"]
             hit = f"{c['answer_in_top_k']:.0f}%" if context == "retrieved" else "gold passage"
-            lines.append(f"| {d} | {context} | {c['n']} | {hit} | " + " | ".join(_f1(m.get(k)) for k in ORDER) + " |")
-    lines += ["", "| department | prompt | steps (best) | train minutes | dev F1 none -> soft | "
+            lines.append(f"| {d} | {context} | {c['n']} | {hit} | " + " | ".join(_f1(m.get(k)) for k in ORDER)
+                         + f" | {_diff(m.get('soft'))} |")
+    lines += ["", "| department | prompt (state now) | steps (best) | train minutes | dev F1 none -> soft | "
                   "soft params / bytes | LoRA params / bytes |", "|---|---|---|---|---|---|---|"]
     for d, row in rows.items():
         t = row.get("training")
@@ -81,7 +98,8 @@ def markdown(rows: dict) -> str:
             continue
         lo = row.get("lora")
         lora = f"{lo['parameters']:,} / {lo['bytes']:,}" if lo else "-"
-        lines.append(f"| {d} | {t['version']} ({t['state']}) | {t['steps_run']} ({t['best_step']}) | {t['minutes']} | "
+        state = row.get("registry_state", t["state"])
+        lines.append(f"| {d} | {t['version']} ({state}) | {t['steps_run']} ({t['best_step']}) | {t['minutes']} | "
                      f"{t['dev_f1_no_prompt']:.1f} -> {t['dev_f1']:.1f} | {t['parameters']:,} / {t['bytes']:,} | "
                      f"{lora} |")
     return "\n".join(lines) + "\n"

@@ -53,7 +53,7 @@ def main() -> None:
         ckpt = ROOT / ".cache" / "sweep" / d / "-".join(f"{k}{v}" for k, v in opts.items())
         cmd = [*ragpt, "train", "-d", d, "-i", args.index, "--data", str(args.data / f"{d}.train.jsonl"),
                "--dev-data", str(args.data / f"{d}.dev.jsonl"), "--steps", str(args.steps), "--batch-size", "8",
-               "--gold-context", "missed", "--max-context-tokens", "640", "--eval-every", "10", "--dev-max", "40",
+               "--gold-context", "missed", "--max-context-tokens", "640", "--eval-every", "20", "--dev-max", "32",
                "--patience", "0", "--no-register", "--checkpoint-dir", str(ckpt), "-q"]
         for k, v in opts.items():
             cmd += [f"--{k}", v]
@@ -70,7 +70,7 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         out_json.write_text(json.dumps(results, indent=2) + "\n")
 
-    md = ["# Soft-prompt sweep (one knob at a time; best dev token-F1 over evaluations every 10 steps)", ""]
+    md = ["# Soft-prompt sweep (one knob at a time; best dev token-F1 over evaluations every 20 steps)", ""]
     for dept, rs in results.items():
         base = next((r["dev_f1_no_prompt"] for r in rs.values() if r.get("dev_f1_no_prompt") is not None), None)
         n = next(iter(rs.values()))["dev_examples"] if rs else 0

@@ -107,6 +107,17 @@ def rollback(ctx: typer.Context, department: str,
     typer.echo(f"{department} {version}: active (rolled back)")
 
 
+@prompts_app.command("deactivate")
+def deactivate(ctx: typer.Context, department: str,
+               actor: Actor = None, reason: Reason = "") -> None:
+    """Take the active version out of service (the department runs without a soft prompt)."""
+    try:
+        version = _registry(ctx).deactivate(department, actor=_actor(actor), reason=reason)
+    except RagptError as e:
+        fail(e)
+    typer.echo(f"{department} {version}: deactivated (approved, not active)")
+
+
 @prompts_app.command("diff")
 def diff(ctx: typer.Context, department: str, a: str, b: str) -> None:
     """Metadata that differs between two versions, and how far apart their tensors are."""

@@ -69,17 +69,17 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
 
 def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None = None,
                               progress: bool = True, out=print) -> dict:
-    """Answer held-out test questions of each department with an active prompt in prompts/,
-    without and with that prompt (token-F1 against the reference answers).
+    """Answer held-out test questions of each department that has prompts in prompts/, without
+    and with its active prompt (token-F1 against the reference answers).
 
     Needs the public data sets under `settings.data_dir` (documents and test questions);
     imports them into cache_dir once and ingests them into the index "shared" (unchanged
     documents are skipped on later runs).
     """
     registry = PromptRegistry(settings.prompt_dir)
-    shipped = [d for d in SHIPPED_DEPARTMENTS if d in registry.departments() and registry.active_version(d)]
+    shipped = [d for d in SHIPPED_DEPARTMENTS if d in registry.departments()]
     if not shipped:
-        out(f"\n(no active department prompts in {settings.prompt_dir}; benchmarks/department_prompts.sh "
+        out(f"\n(no department prompts in {settings.prompt_dir}; benchmarks/department_prompts.sh "
             "trains and releases them)")
         return {}
     data_sets = sorted({SHIPPED_DEPARTMENTS[d] for d in shipped})
@@ -105,6 +105,13 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
         version = registry.active_version(d)
         qs = load_qa(imported / SHIPPED_DEPARTMENTS[d] / "qa" / f"{d}.test.jsonl")[: limit or BATCH]
         plain = pipe.ask_many([Question(q.question, d, prompt="none") for q in qs])
+        if version is None:  # released prompts can be pulled (ragpt prompts deactivate): base model only
+            out(f"\n=== {d}: no active soft prompt (see `ragpt prompts list -d {d}`), {len(qs)} held-out "
+                "test questions ===")
+            for q, a0 in zip(qs, plain):
+                out(f"\nQ: {q.question}\nA (no prompt): {a0.text}\n  expected: {q.answers[0]!r}")
+            results[d] = {"version": None, "questions": len(qs)}
+            continue
         tuned = pipe.ask_many([Question(q.question, d, prompt=version) for q in qs])
         out(f"\n=== {d}: soft prompt {version}, {len(qs)} held-out test questions ===")
         f1_plain = f1_tuned = 0.0

@@ -261,6 +261,23 @@ class PromptRegistry:
             self._audit("rollback", dept, target, actor, reason, **{"from": current, "to": target})
         return target
 
+    def deactivate(self, dept: str, *, actor: str, reason: str = "") -> str:
+        """Take the active version out of service: the department then answers without a soft
+        prompt. The version stays approved (it can be activated again); rollback will not return
+        to it. For pulling a version that has no earlier approved version to roll back to."""
+        self._check_actor(actor, reason)
+        with self._locked():
+            state = self._read_state(dept)
+            current = state["active"]
+            if current is None:
+                raise IllegalTransitionError(f"{dept} has no active version to deactivate")
+            state["active"] = None
+            state["activations"].append({"version": current, "action": "deactivate", "time": utc_now(),
+                                         "actor": actor})
+            self._write_state(dept, state)
+            self._audit("deactivate", dept, current, actor, reason, **{"from": current, "to": None})
+        return current
+
     @staticmethod
     def _set_active(state: dict[str, Any], version: str, action: str, actor: str) -> None:
         state["active"] = version
@@ -270,10 +287,14 @@ class PromptRegistry:
 
     @staticmethod
     def _activation_stack(state: dict[str, Any]) -> list[str]:
-        """Replay the activation history: activate pushes a version, rollback pops back to one."""
+        """Replay the activation history: activate pushes a version, rollback pops back to one,
+        deactivate pops the version it took out of service."""
         stack: list[str] = []
         for rec in state["activations"]:
-            if rec.get("action") == "rollback":
+            if rec.get("action") == "deactivate":
+                if stack and stack[-1] == rec["version"]:
+                    stack.pop()
+            elif rec.get("action") == "rollback":
                 while stack and stack[-1] != rec["version"]:
                     stack.pop()
                 if not stack:  # history edited by hand; keep going from the rolled-back-to one

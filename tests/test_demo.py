@@ -26,7 +26,7 @@ def test_demo_ingests_the_sample_corpus_and_answers_with_cited_sources(tmp_path,
     assert stats["source_in_top_k"] >= stats["questions"] - 1
     assert sum(line.startswith("\nQ: ") for line in lines) == stats["questions"]
     assert any("ragpt/sample_corpus/hr/" in line and "#chunk" in line for line in lines)
-    assert stats["shipped"] == {} and any("no active department prompts" in line for line in lines)
+    assert stats["shipped"] == {} and any("no department prompts" in line for line in lines)
     index = DocumentIndex.open(settings.index_dir, "demo")
     assert index.departments == sorted(SAMPLE_DEPARTMENTS)
     assert index.manifest["n_documents"] == 36
@@ -72,3 +72,10 @@ def test_demo_serves_departments_with_shipped_prompts(tmp_path, tiny_tokenizer):
     assert stats["shipped"]["dmv"]["version"] == v and stats["shipped"]["dmv"]["questions"] == 2
     assert sum(line.startswith("\nQ: fee for") and f"A ({v}):" in line for line in lines) == 2
     assert DocumentIndex.open(settings.index_dir, SHIPPED_INDEX).departments == ["dmv"]
+
+    # A pulled prompt: the department is still served, by the base model alone.
+    reg.deactivate("dmv", actor="test", reason="worse on the test set")
+    lines.clear()
+    stats = run_demo(settings, index="demo", limit=1, progress=False, out=lines.append)
+    assert stats["shipped"]["dmv"] == {"version": None, "questions": 1}
+    assert any("dmv: no active soft prompt" in line for line in lines)

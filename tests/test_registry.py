@@ -146,6 +146,27 @@ def test_rollback_needs_an_active_and_a_previous_version(reg):
         reg.rollback("hr", actor="ops")
 
 
+def test_deactivate_takes_the_active_version_out_of_service(reg):
+    v1, v2 = approved(reg, 2)
+    with pytest.raises(IllegalTransitionError, match="no active version to deactivate"):
+        reg.deactivate("hr", actor="ops")
+    reg.activate("hr", v1, actor="ops")
+    assert reg.deactivate("hr", actor="ops", reason="worse than no prompt on the test set") == v1
+    assert reg.active_version("hr") is None
+    with pytest.raises(NoActivePromptError):
+        reg.load("hr")
+    assert [r["state"] for r in reg.versions("hr")] == ["approved", "approved"]
+    last = reg.audit("hr")[-1]
+    assert (last["action"], last["version"], last["from"], last["to"]) == ("deactivate", v1, v1, None)
+    assert last["reason"] == "worse than no prompt on the test set"
+    # Rollback never returns to a version that was pulled.
+    reg.activate("hr", v2, actor="ops")
+    with pytest.raises(IllegalTransitionError, match="no earlier approved version"):
+        reg.rollback("hr", actor="ops")
+    reg.activate("hr", v1, actor="ops")  # an explicit activation may bring it back
+    assert reg.rollback("hr", actor="ops") == v2
+
+
 def test_clear_errors_for_unknown_things(reg):
     reg.register(make_prompt(0), actor="a")
     with pytest.raises(NoActivePromptError, match="no active soft prompt"):

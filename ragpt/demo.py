@@ -77,7 +77,8 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
     documents are skipped on later runs).
     """
     registry = PromptRegistry(settings.prompt_dir)
-    shipped = [d for d in SHIPPED_DEPARTMENTS if d in registry.departments()]
+    known = set(registry.departments())  # one directory listing, not one per department
+    shipped = [d for d in SHIPPED_DEPARTMENTS if d in known]
     if not shipped:
         out(f"\n(no department prompts in {settings.prompt_dir}; benchmarks/department_prompts.sh "
             "trains and releases them)")

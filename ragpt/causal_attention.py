@@ -62,6 +62,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         q, k, v, out, *probs = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         B, KV, G, L, D = q.shape
+        dout = dout.to(q.dtype)
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # fp32: summed over blocks
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -96,6 +97,11 @@ def chunked_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if chunk < 1:
         raise ValueError(f"chunked_causal: chunk must be >= 1, got {chunk}")
     scale = D ** -0.5 if scale is None else scale
+    # One dtype for the kernel: under autocast the projections come out bf16 but rotary embeddings
+    # can promote q and k back to fp32; the casts here are differentiable, so gradients still flow.
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    query, key, value = (t.to(dtype) for t in (query, key, value))
     out = _ChunkedCausalAttention.apply(query.reshape(B, KV, H // KV, L, D), key, value, scale, chunk)
     return out.reshape(B, H, L, value.shape[-1])
 

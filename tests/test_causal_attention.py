@@ -132,3 +132,27 @@ def test_trainer_loss_and_prompt_gradient_equal_the_sdpa_path(tiny_model, tiny_t
     sdpa_loss, sdpa_grad = run(lambda model: contextlib.nullcontext())
     assert chunked_loss == pytest.approx(sdpa_loss, rel=1e-5)
     torch.testing.assert_close(chunked_grad, sdpa_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_under_autocast_with_mixed_input_dtypes(tiny_model, tiny_tokenizer):
+    """Under bf16 autocast rotary embeddings can hand over fp32 q/k with a bf16 v: still works."""
+    q, k, v = _qkv(1, 4, 2, 30, 8)
+    vb = v.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunked_causal(q, k, vb, chunk=7)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and vb.grad.dtype == torch.bfloat16
+    ref = _sdpa(*(t.detach() for t in (q, k, v)))
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+    # And a whole trainer loss under autocast on the fp32 model, as the throughput benchmark runs it.
+    from ragpt.qa import QAExample
+    from ragpt.train import PromptModule, TrainExample, answer_loss_sum
+
+    ids = tiny_tokenizer("vacation days and the VPN " * 20, add_special_tokens=False)["input_ids"]
+    row = TrainExample(ids, len(ids) - 3, QAExample("q", ["a"]), ids[:-3], True)
+    module = PromptModule(torch.randn(4, tiny_model.config.hidden_size))
+    loss, _ = answer_loss_sum(tiny_model, module, [row, row],
+                              lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    loss.backward()
+    assert torch.isfinite(module.prompt.grad).all() and module.prompt.grad.abs().sum() > 0

@@ -204,7 +204,7 @@ def train(
     dev_max: Annotated[int, typer.Option(help="At most this many dev questions.")] = 48,
     seed: Annotated[int, typer.Option(help="Random seed (runs are deterministic for a seed).")] = 0,
     checkpoint_dir: Annotated[Path | None, typer.Option(
-        help="Checkpoint folder (default: cache_dir/checkpoints/D).")] = None,
+        help="Checkpoint folder (default: cache_dir/checkpoints/D/<hash of settings, data, index>).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the checkpoint if present.")] = True,
     register: Annotated[bool, typer.Option("--register/--no-register", help="Register the result as a draft.")] = True,
     actor: Annotated[str | None, typer.Option(help="Author recorded in the registry.")] = None,

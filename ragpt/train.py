@@ -293,11 +293,9 @@ def _group_loss_sum(model, prompt_module, rows: list[TrainExample], autocast) ->
         embeds = prompt_module(model.get_input_embeddings()(ids))
         positions = torch.arange(T + n, device=device).unsqueeze(0).expand(len(rows), -1)
         # No attention mask, on purpose: with right padding and causal attention no real position
-        # ever attends to a pad, so the causal-only path gives the same answer-position states and
-        # lets SDPA run its causal flash kernel instead of a masked one (14-17% faster per step in
-        # benchmarks/train_step_profile.py).
-        # Chunked causal attention instead of SDPA's CPU flash kernel: ~1.4x faster per step
-        # (ragpt/causal_attention.py, benchmarks/train_step_profile.py).
+        # ever attends to a pad, so the causal-only path gives the same answer-position states
+        # (13% faster than a padding mask even with SDPA). It also lets the chunked causal attention
+        # replace SDPA's CPU flash kernel: 5.75 -> 3.72 s per step in benchmarks/train_step_profile.py.
         with chunked_causal_attention(model):
             hidden = model.base_model(inputs_embeds=embeds, attention_mask=None, position_ids=positions,
                                       use_cache=False).last_hidden_state

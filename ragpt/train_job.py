@@ -6,6 +6,8 @@ Kept apart from ragpt.train (the loop) so that the loop stays free of files and 
 from __future__ import annotations
 
 import getpass
+import hashlib
+import json
 from pathlib import Path
 
 from ragpt.atomic import atomic_write_json
@@ -13,13 +15,19 @@ from ragpt.config import Settings
 from ragpt.generator import resolve_bf16
 from ragpt.index import DocumentIndex
 from ragpt.models import load_embedder, load_generator_model
-from ragpt.qa import QAExample, load_qa
+from ragpt.qa import QAExample, examples_sha256, load_qa
 from ragpt.retrieval import Retriever
 from ragpt.train import TrainConfig, TrainResult, dist_info, init_distributed_from_env, train_prompt
 
 
-def default_checkpoint_dir(settings: Settings, department: str) -> Path:
-    return Path(settings.cache_dir) / "checkpoints" / department
+def default_checkpoint_dir(settings: Settings, department: str, run_key: dict) -> Path:
+    """cache_dir/checkpoints/<department>/<run>: one folder per (settings, data, index).
+
+    The same command re-run after a kill finds its checkpoint and resumes; a run with other
+    hyperparameters or data gets a folder of its own instead of colliding with the last one.
+    """
+    digest = hashlib.sha256(json.dumps(run_key, sort_keys=True, default=str).encode()).hexdigest()
+    return Path(settings.cache_dir) / "checkpoints" / department / digest[:12]
 
 
 def save_loss_plot(result: TrainResult, path: Path) -> bool:
@@ -83,7 +91,9 @@ def run_training(
     retriever = Retriever(doc_index, embedder, dense=settings.dense, bm25=settings.bm25, rrf_k=settings.rrf_k)
     model, tok = load_generator_model(settings)
     cfg.bf16 = resolve_bf16(settings.bf16) if cfg.bf16 is None else cfg.bf16
-    ckpt = checkpoint_dir or default_checkpoint_dir(settings, cfg.department)
+    run_key = {"config": cfg.fingerprint(), "data": examples_sha256(qas),
+               "dev_data": examples_sha256(dev_qas) if dev_qas else None, "index": doc_index.manifest_sha256()}
+    ckpt = checkpoint_dir or default_checkpoint_dir(settings, cfg.department, run_key)
     result = train_prompt(model, tok, retriever, qas, cfg, checkpoint_dir=ckpt, resume=resume,
                           progress=progress, log=log, dev_qas=dev_qas)
     summary = {"department": cfg.department, "metrics": result.metrics, "version": None, "processes": world}

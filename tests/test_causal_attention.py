@@ -42,6 +42,11 @@ def test_values_and_gradients_equal_sdpa_in_fp32(B, H, KV, L, D, chunk):
         torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_gradcheck_in_fp64():
+    q, k, v = (t.detach().double().requires_grad_() for t in _qkv(1, 4, 2, 11, 4))
+    assert torch.autograd.gradcheck(lambda q, k, v: chunked_causal(q, k, v, chunk=4), (q, k, v))
+
+
 def test_bf16_gradients_are_as_close_to_fp32_as_sdpa_bf16():
     B, H, KV, L, D = 2, 9, 3, 150, 64
     dout = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(1))
@@ -62,6 +67,9 @@ def test_rejects_shapes_it_cannot_compute():
     with pytest.raises(ValueError, match="shapes"):
         chunked_causal(q, k, v)
     q, k, v = _qkv(1, 4, 2, 10, 8)
+    with pytest.raises(ValueError, match="shapes"):  # value head size other than the query's
+        chunked_causal(q, k, torch.randn(1, 2, 10, 16))
+    q, k, v = _qkv(1, 4, 2, 10, 8)
     with pytest.raises(ValueError, match="chunk"):
         chunked_causal(q, k, v, chunk=0)
 
@@ -71,7 +79,21 @@ class _Attn(torch.nn.Module):
     num_key_value_groups = 2
 
 
-def test_masks_caches_and_decoding_go_to_sdpa():
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[int]:
+    """Counts the chunked kernel's invocations, to prove which path ran."""
+    calls: list[int] = []
+    original = causal_attention._ChunkedCausalAttention.apply
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(causal_attention._ChunkedCausalAttention, "apply", spy)
+    return calls
+
+
+def test_masks_and_decoding_go_to_sdpa(kernel_calls):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = _Attn()
@@ -80,17 +102,45 @@ def test_masks_caches_and_decoding_go_to_sdpa():
     mask[0, :, :, :3] = False  # left padding in row 0: not expressible as plain causal attention
     mask[0, :, torch.arange(12), torch.arange(12)] = True
     cases = {
-        "mask": (q, k, v, mask),
-        "decode": (q[:, :, -1:], k, v, None),  # one new query against a cache
-        "cache prefill": (q[:, :, 8:], k, v, None),  # fewer queries than keys
+        "mask": (q, k, v, mask, {}),
+        "decode": (q[:, :, -1:], k, v, None, {}),  # one new query against a cache
+        "sliding window": (q, k, v, None, {"sliding_window": 4}),
     }
-    for name, (qq, kk, vv, m) in cases.items():
-        got, _ = attention_forward(module, qq, kk, vv, m, scaling=8 ** -0.5)
-        ref, _ = sdpa_attention_forward(module, qq, kk, vv, m, scaling=8 ** -0.5)
+    for name, (qq, kk, vv, m, kw) in cases.items():
+        got, _ = attention_forward(module, qq, kk, vv, m, scaling=8 ** -0.5, **kw)
+        ref, _ = sdpa_attention_forward(module, qq, kk, vv, m, scaling=8 ** -0.5, **kw)
         torch.testing.assert_close(got, ref, msg=lambda s, n=name: f"{n}: {s}")
+    assert kernel_calls == []
     # The plain causal case is computed by the chunked kernel, not handed on.
     got, _ = attention_forward(module, q, k, v, None, scaling=8 ** -0.5)
-    torch.testing.assert_close(got, chunked_causal(q, k, v, 8 ** -0.5).transpose(1, 2))
+    assert kernel_calls == [1]
+    torch.testing.assert_close(got, _sdpa(q, k, v).transpose(1, 2))
+
+
+def test_model_outputs_are_unchanged_inside_the_context(tiny_model, kernel_calls):
+    """Left padding, a KV cache continuation and a plain forward: same logits inside and outside."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, tiny_model.config.vocab_size, (2, 10), generator=g)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :4] = 0  # row 0 left-padded, as the generator batches prompts
+
+    def outputs():
+        padded = tiny_model(input_ids=ids, attention_mask=mask).logits
+        cache = DynamicCache(config=tiny_model.config)
+        tiny_model(input_ids=ids[:, :6], cache=cache, use_cache=True)
+        continued = tiny_model(input_ids=ids[:, 6:], cache=cache, use_cache=True).logits
+        plain = tiny_model(input_ids=ids).logits
+        return padded, continued, plain
+
+    outside = outputs()
+    with chunked_causal_attention(tiny_model):
+        inside = outputs()
+    for name, a, b in zip(("left padding", "cache continuation", "plain"), inside, outside):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda s, n=name: f"{n}: {s}")
+    # Only the plain forward (and the cache's first, mask-free prefill) used the chunked kernel.
+    assert len(kernel_calls) == 2 * tiny_model.config.num_hidden_layers
 
 
 def test_context_switches_the_model_and_restores_it_even_on_error(tiny_model):
@@ -106,7 +156,7 @@ def test_context_switches_the_model_and_restores_it_even_on_error(tiny_model):
     assert tiny_model.config._attn_implementation == before
 
 
-def test_trainer_loss_and_prompt_gradient_equal_the_sdpa_path(tiny_model, tiny_tokenizer, monkeypatch):
+def test_trainer_loss_and_prompt_gradient_equal_the_sdpa_path(tiny_model, tiny_tokenizer, monkeypatch, kernel_calls):
     """answer_loss_sum over several query chunks gives what the model computes with SDPA."""
     import ragpt.train as train
     from ragpt.qa import QAExample
@@ -129,7 +179,9 @@ def test_trainer_loss_and_prompt_gradient_equal_the_sdpa_path(tiny_model, tiny_t
         return loss.item(), module.prompt.grad
 
     chunked_loss, chunked_grad = run(chunked_causal_attention)
+    assert len(kernel_calls) == tiny_model.config.num_hidden_layers  # one padded group, every layer
     sdpa_loss, sdpa_grad = run(lambda model: contextlib.nullcontext())
+    assert len(kernel_calls) == tiny_model.config.num_hidden_layers
     assert chunked_loss == pytest.approx(sdpa_loss, rel=1e-5)
     torch.testing.assert_close(chunked_grad, sdpa_grad, atol=1e-5, rtol=1e-4)
 

@@ -234,3 +234,32 @@ def test_two_processes_under_torchrun_match_one_process(tiny_tokenizer, sample_i
     # Float tolerance: each process sums its half of the batch, so reduction order differs; Adam's
     # normalised update turns that into ~1e-5 absolute noise on near-zero coordinates.
     torch.testing.assert_close(p_two, p_one, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.integration
+def test_default_checkpoints_resume_the_same_run_and_keep_other_runs_apart(tiny_tokenizer, sample_index, tmp_path):
+    """Re-running a command resumes it; a run with another lr no longer trips over the last one's checkpoint."""
+    from ragpt.config import Settings
+    from ragpt.qa import save_jsonl
+    from ragpt.train_job import run_training
+
+    settings, index = sample_index
+    model_dir = tmp_path / "tiny-generator"
+    build_tiny_model(tiny_tokenizer).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "hr.jsonl"
+    save_jsonl(_hr_examples(), data)
+    s = Settings(index_dir=settings.index_dir, cache_dir=tmp_path / "cache", generator=str(model_dir), bf16="off",
+                 prompt_dir=tmp_path / "prompts")
+
+    def train(lr: float) -> list[str]:
+        logs: list[str] = []
+        cfg = TrainConfig(department="hr", steps=2, batch_size=4, n_tokens=4, k=1, max_context_tokens=192,
+                          eval_every=0, patience=0, lr=lr, warmup_steps=1, seed=5, checkpoint_every=1)
+        run_training(s, index=index, data=data, cfg=cfg, register=False, progress=False, log=logs.append)
+        return logs
+
+    assert not any("resumed" in m for m in train(0.05))
+    assert not any("resumed" in m for m in train(0.2))  # other settings: its own folder, no error
+    assert any("resumed" in m for m in train(0.05))  # the first command again: its checkpoint
+    assert len(list((tmp_path / "cache" / "checkpoints" / "hr").iterdir())) == 2

@@ -2,7 +2,9 @@
 
 Reads <out>/<dept>/{retrieved,gold}/results.json (from `ragpt eval`) and each soft prompt's
 meta.json, writes <out>/../departments.{json,md}: per department, token-F1 with bootstrap 95%
-intervals for no prompt / instruction / soft prompt / LoRA reference, and how the prompt was trained.
+intervals for no prompt / instruction / soft prompt / LoRA reference, and how the prompt was trained;
+and the doc2dial agencies pooled (every first-turn test question once, each with its own agency's
+prompt), which is what the issue's hand-run reference measured (its no-prompt F1s match ours).
 
     .venv/bin/python benchmarks/department_table.py [benchmarks/results/departments]
 """
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 ORDER = ("none", "instruction", "soft", "lora")
+DOC2DIAL = ("dmv", "ssa", "studentaid", "va")
 
 
 def _f1(entry: dict | None) -> str:
@@ -72,7 +75,46 @@ def summarise(out: Path) -> dict:
     return rows
 
 
-def markdown(rows: dict) -> str:
+def pooled(out: Path, rows: dict) -> dict:
+    """doc2dial agencies pooled: token-F1 none vs soft over all their test questions, paired.
+
+    "all prompts": every agency with its evaluated prompt; "as served": an agency whose prompt is
+    not active answers without one (what the registry serves now).
+    """
+    from ragpt.metrics import bootstrap_ci, paired_difference_ci
+
+    res = {}
+    for context in ("retrieved", "gold"):
+        none, soft, served = [], [], []
+        for d in DOC2DIAL:
+            f = out / d / context / "predictions.jsonl"
+            if not f.is_file():
+                return {}
+            by: dict[str, dict[str, float]] = {}
+            for line in f.read_text().splitlines():
+                r = json.loads(line)
+                kind = r["method"].split(":")[0]
+                by.setdefault(kind, {})[r["qid"]] = 100 * r["f1"]
+            active = rows.get(d, {}).get("registry_state") == "active"
+            for qid, f1 in by["none"].items():
+                none.append(f1)
+                soft.append(by["soft"][qid])
+                served.append(by["soft"][qid] if active else f1)
+        res[context] = {"n": len(none), "none": bootstrap_ci(none).to_dict(),
+                        "all prompts": bootstrap_ci(soft).to_dict(),
+                        "all prompts - none": paired_difference_ci(soft, none).to_dict(),
+                        "as served": bootstrap_ci(served).to_dict(),
+                        "as served - none": paired_difference_ci(served, none).to_dict()}
+    return res
+
+
+def _ci(i: dict, signed: bool = False) -> str:
+    f = "+.1f" if signed else ".1f"
+    star = "*" if signed and (i["low"] > 0 or i["high"] < 0) else ""
+    return f"{i['mean']:{f}} [{i['low']:{f}}, {i['high']:{f}}]{star}"
+
+
+def markdown(rows: dict, pool: dict | None = None) -> str:
     lines = [
         "Token-F1 (SQuAD normalisation) on each department's held-out test questions, bootstrap 95% intervals;",
         "the last column is the paired difference on the same questions (* : its interval excludes 0).",
@@ -102,14 +144,24 @@ def markdown(rows: dict) -> str:
         lines.append(f"| {d} | {t['version']} ({state}) | {t['steps_run']} ({t['best_step']}) | {t['minutes']} | "
                      f"{t['dev_f1_no_prompt']:.1f} -> {t['dev_f1']:.1f} | {t['parameters']:,} / {t['bytes']:,} | "
                      f"{lora} |")
+    if pool:
+        lines += ["", f"doc2dial pooled ({', '.join(DOC2DIAL)}; each question with its own agency's prompt):", "",
+                  "| context | n | no prompt | every agency's prompt | paired diff | as served now | paired diff |",
+                  "|---|---|---|---|---|---|---|"]
+        for context, p in pool.items():
+            lines.append(f"| {context} | {p['n']} | {_ci(p['none'])} | {_ci(p['all prompts'])} | "
+                         f"{_ci(p['all prompts - none'], True)} | {_ci(p['as served'])} | "
+                         f"{_ci(p['as served - none'], True)} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/departments")
     rows = summarise(out)
-    (out.parent / "departments.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    md = markdown(rows)
+    pool = pooled(out, rows)
+    (out.parent / "departments.json").write_text(json.dumps({**rows, "doc2dial_pooled": pool}, indent=2,
+                                                            default=str) + "\n")
+    md = markdown(rows, pool)
     (out.parent / "departments.md").write_text(md)
     print(md)
 

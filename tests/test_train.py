@@ -194,19 +194,26 @@ def test_gold_context_is_injected_only_when_retrieval_misses(tiny_tokenizer, ret
     assert "zebra-unicorn-42" in tiny_tokenizer.decode(missed.prompt_ids)
 
 
+def _tiny_generator_and_data(tokenizer, tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny generator saved as a model folder (what `generator=` points to) and the hr QA file."""
+    from ragpt.qa import save_jsonl
+
+    model_dir = tmp_path / "tiny-generator"
+    build_tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "hr.jsonl"
+    save_jsonl(_hr_examples(), data)
+    return model_dir, data
+
+
 @pytest.mark.integration
 def test_two_processes_under_torchrun_match_one_process(tiny_tokenizer, sample_index, tmp_path):
     """torchrun --nproc_per_node=2 (gloo) gives the same prompt as one process, same global batch."""
     from ragpt.config import Settings
-    from ragpt.qa import save_jsonl
     from ragpt.train_job import run_training
 
     settings, index = sample_index
-    model_dir = tmp_path / "tiny-generator"
-    build_tiny_model(tiny_tokenizer).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "hr.jsonl"
-    save_jsonl(_hr_examples(), data)
+    model_dir, data = _tiny_generator_and_data(tiny_tokenizer, tmp_path)
     common = ["--department", "hr", "--index", index, "--data", str(data), "--steps", "3", "--batch-size", "4",
               "--n-tokens", "4", "-k", "1", "--max-context-tokens", "192", "--eval-every", "0",
               "--patience", "0", "--lr", "0.05", "--warmup-steps", "1", "--seed", "5", "--no-register", "-q"]
@@ -240,15 +247,10 @@ def test_two_processes_under_torchrun_match_one_process(tiny_tokenizer, sample_i
 def test_default_checkpoints_resume_the_same_run_and_keep_other_runs_apart(tiny_tokenizer, sample_index, tmp_path):
     """Re-running a command resumes it; a run with another lr no longer trips over the last one's checkpoint."""
     from ragpt.config import Settings
-    from ragpt.qa import save_jsonl
     from ragpt.train_job import run_training
 
     settings, index = sample_index
-    model_dir = tmp_path / "tiny-generator"
-    build_tiny_model(tiny_tokenizer).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "hr.jsonl"
-    save_jsonl(_hr_examples(), data)
+    model_dir, data = _tiny_generator_and_data(tiny_tokenizer, tmp_path)
     s = Settings(index_dir=settings.index_dir, cache_dir=tmp_path / "cache", generator=str(model_dir), bf16="off",
                  prompt_dir=tmp_path / "prompts")
 

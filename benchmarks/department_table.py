@@ -26,13 +26,27 @@ def _f1(entry: dict | None) -> str:
     return f"{f['mean']:.1f} [{f['low']:.1f}, {f['high']:.1f}]"
 
 
+def format_ci(i: dict, signed: bool = False) -> str:
+    """`mean [low, high]`; signed (a difference): with +/- and * when the interval excludes 0."""
+    f = "+.1f" if signed else ".1f"
+    star = "*" if signed and (i["low"] > 0 or i["high"] < 0) else ""
+    return f"{i['mean']:{f}} [{i['low']:{f}}, {i['high']:{f}}]{star}"
+
+
+def predictions_f1(path: Path) -> dict[str, dict[str, float]]:
+    """{method kind: {question id: token-F1 in %}} from a `ragpt eval` predictions.jsonl."""
+    by: dict[str, dict[str, float]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        by.setdefault(r["method"].split(":")[0], {})[r["qid"]] = 100 * r["f1"]
+    return by
+
+
 def _diff(entry: dict | None) -> str:
     """Paired difference to no prompt on the same questions; * when its interval excludes 0."""
     if entry is None or "vs_none" not in entry:
         return "-"
-    f = entry["vs_none"]["f1"]
-    star = "*" if f["low"] > 0 or f["high"] < 0 else ""
-    return f"{f['mean']:+.1f} [{f['low']:+.1f}, {f['high']:+.1f}]{star}"
+    return format_ci(entry["vs_none"]["f1"], signed=True)
 
 
 def _by_kind(methods: dict) -> dict[str, dict]:
@@ -90,11 +104,7 @@ def pooled(out: Path, rows: dict) -> dict:
             f = out / d / context / "predictions.jsonl"
             if not f.is_file():
                 return {}
-            by: dict[str, dict[str, float]] = {}
-            for line in f.read_text().splitlines():
-                r = json.loads(line)
-                kind = r["method"].split(":")[0]
-                by.setdefault(kind, {})[r["qid"]] = 100 * r["f1"]
+            by = predictions_f1(f)
             active = rows.get(d, {}).get("registry_state") == "active"
             for qid, f1 in by["none"].items():
                 none.append(f1)
@@ -106,12 +116,6 @@ def pooled(out: Path, rows: dict) -> dict:
                         "as served": bootstrap_ci(served).to_dict(),
                         "as served - none": paired_difference_ci(served, none).to_dict()}
     return res
-
-
-def _ci(i: dict, signed: bool = False) -> str:
-    f = "+.1f" if signed else ".1f"
-    star = "*" if signed and (i["low"] > 0 or i["high"] < 0) else ""
-    return f"{i['mean']:{f}} [{i['low']:{f}}, {i['high']:{f}}]{star}"
 
 
 def markdown(rows: dict, pool: dict | None = None) -> str:
@@ -149,9 +153,9 @@ def markdown(rows: dict, pool: dict | None = None) -> str:
                   "| context | n | no prompt | every agency's prompt | paired diff | as served now | paired diff |",
                   "|---|---|---|---|---|---|---|"]
         for context, p in pool.items():
-            lines.append(f"| {context} | {p['n']} | {_ci(p['none'])} | {_ci(p['all prompts'])} | "
-                         f"{_ci(p['all prompts - none'], True)} | {_ci(p['as served'])} | "
-                         f"{_ci(p['as served - none'], True)} |")
+            lines.append(f"| {context} | {p['n']} | {format_ci(p['none'])} | {format_ci(p['all prompts'])} | "
+                         f"{format_ci(p['all prompts - none'], True)} | {format_ci(p['as served'])} | "
+                         f"{format_ci(p['as served - none'], True)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,25 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from department_table import DOC2DIAL, format_ci, predictions_f1  # benchmarks/ is the script's folder
+
 from ragpt.metrics import bootstrap_ci, paired_difference_ci
 
 RESULTS = Path(__file__).parent / "results"
-DOC2DIAL = ("dmv", "ssa", "studentaid", "va")
-
-
-def _scores(path: Path) -> dict[str, dict[str, float]]:
-    """{method kind: {question id: token-F1 in %}} from an eval's predictions.jsonl."""
-    by: dict[str, dict[str, float]] = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        by.setdefault(r["method"].split(":")[0], {})[r["qid"]] = 100 * r["f1"]
-    return by
-
-
-def _ci(i: dict, signed: bool = False) -> str:
-    f = "+.1f" if signed else ".1f"
-    star = "*" if signed and (i["low"] > 0 or i["high"] < 0) else ""
-    return f"{i['mean']:{f}} [{i['low']:{f}}, {i['high']:{f}}]{star}"
 
 
 def compare(none: list[float], missed: list[float], other: list[float], mode: str) -> dict:
@@ -55,8 +41,8 @@ def main() -> None:
         if not ab_file.is_file():
             missing.append(d)
             continue
-        v1 = _scores(RESULTS / "departments" / d / context / "predictions.jsonl")
-        ab = _scores(ab_file)
+        v1 = predictions_f1(RESULTS / "departments" / d / context / "predictions.jsonl")
+        ab = predictions_f1(ab_file)
         if v1["none"] != ab["none"]:  # same questions, contexts and model: the baseline must agree
             raise SystemExit(f"{d}: the two evaluations' no-prompt answers differ; not comparable")
         qids = sorted(v1["none"])
@@ -72,9 +58,9 @@ def main() -> None:
           f"| agency | n | no prompt | trained with gold when missed (v1) | {trained} | "
           f"v1 - none | {mode} - none | {mode} - v1 |", "|---|---|---|---|---|---|---|---|"]
     for d, r in rows.items():
-        md.append(f"| {d} | {r['n']} | {_ci(r['none'])} | {_ci(r['missed'])} | {_ci(r[mode])} | "
-                  f"{_ci(r['missed - none'], True)} | {_ci(r[f'{mode} - none'], True)} | "
-                  f"{_ci(r[f'{mode} - missed'], True)} |")
+        md.append(f"| {d} | {r['n']} | {format_ci(r['none'])} | {format_ci(r['missed'])} | {format_ci(r[mode])} | "
+                  f"{format_ci(r['missed - none'], True)} | {format_ci(r[f'{mode} - none'], True)} | "
+                  f"{format_ci(r[f'{mode} - missed'], True)} |")
     if missing:
         md += ["", f"Not run (so not in the pooled row): {', '.join(missing)}."]
     md += ["", f"Commands: `MODE={mode} benchmarks/gold_context_ablation.sh`, then "

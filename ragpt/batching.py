@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ragpt.deep_prompt import prompt_tokens
 from ragpt.errors import RagptError
 from ragpt.generator import Generator
 from ragpt.pipeline import Answer, Citation, Pipeline, passages_from_hits
@@ -364,7 +365,7 @@ class MicroBatcher:
             except Exception as e:
                 t._emit("error", e)
                 continue
-            n_soft = 0 if soft is None else int(soft.shape[0])
+            n_soft = prompt_tokens(soft)
             prepared = Prepared(department=job.department, prompt_version=version,
                                 citations=[Citation.from_hit(h) for h in hits[id(t)]],
                                 prompt_tokens=len(ids) + n_soft)

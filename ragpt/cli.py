@@ -191,6 +191,9 @@ def train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-2,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 10,
     n_tokens: Annotated[int, typer.Option(help="Soft prompt length (virtual tokens).")] = 20,
+    depth: Annotated[int, typer.Option(
+        help="Decoder layers whose prompt-position inputs are learned: 1 = a plain prompt, "
+             "more = a deep prompt (P-tuning v2 style; the model's layer count for all).")] = 1,
     init: Annotated[str, typer.Option(help="Initialisation: text, vocab or random.")] = "text",
     init_text: Annotated[str | None, typer.Option(help="Text for --init text (default: the system prompt).")] = None,
     k: Annotated[int, typer.Option("-k", help="Retrieved chunks per example.")] = 2,
@@ -218,7 +221,7 @@ def train(
     from ragpt.train_job import run_training
 
     cfg = TrainConfig(
-        department=department, n_tokens=n_tokens, init=init, init_text=init_text, steps=steps,
+        department=department, n_tokens=n_tokens, depth=depth, init=init, init_text=init_text, steps=steps,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, k=k,
         gold_context=gold_context, max_context_tokens=max_context_tokens, eval_every=eval_every,
         patience=patience, dev_fraction=dev_fraction, dev_max=dev_max, seed=seed,

@@ -5,6 +5,10 @@ Rows are left-padded to a common length; the attention mask hides the padding an
 ids count only real positions, so each row computes exactly what it would alone.
 With no soft prompt the output equals `model.generate` on the same ids (tested).
 
+A deep soft prompt (depth x n_tokens x hidden, `ragpt.deep_prompt`) also sets the inputs of
+the prompt positions at the first `depth` decoder layers; it always enters through its prefix
+KV (computed with those inputs in place), never inline.
+
 A soft prompt is a fixed prefix, so its key/value cache can be computed once per prompt
 version and reused (`PrefixCache`, keyed e.g. by (department, version)). A batch then lays
 out its cache as [left pad | prefix KV] in the first S slots and [pad | token ids] after:
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ragpt.deep_prompt import decoder_layers, deep_prompt_inputs, input_slice, prompt_tokens
 from ragpt.errors import SoftPromptError
 
 
@@ -157,10 +162,15 @@ class Generator:
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
     def check_soft_prompt(self, sp: torch.Tensor) -> torch.Tensor:
-        if not isinstance(sp, torch.Tensor) or sp.dim() != 2 or sp.shape[1] != self.hidden_size:
+        """A plain (n_tokens x hidden) or deep (depth x n_tokens x hidden) prompt, validated."""
+        ok = isinstance(sp, torch.Tensor) and sp.dim() in (2, 3) and sp.shape[-1] == self.hidden_size
+        if ok and sp.dim() == 3:
+            ok = 1 <= sp.shape[0] <= len(decoder_layers(self.model))
+        if not ok:
             shape = tuple(sp.shape) if isinstance(sp, torch.Tensor) else type(sp).__name__
             raise SoftPromptError(
-                f"soft prompt must be a (n_tokens x {self.hidden_size}) tensor, got {shape}"
+                f"soft prompt must be a (n_tokens x {self.hidden_size}) tensor or a deep "
+                f"(depth x n_tokens x {self.hidden_size}) one with depth <= the model's layers, got {shape}"
             )
         if not sp.is_floating_point() or not torch.isfinite(sp).all():
             raise SoftPromptError("soft prompt must hold finite floating-point values")
@@ -175,7 +185,9 @@ class Generator:
         for ids, sp in zip(rows, soft_prompts):
             e = self.embedding(torch.as_tensor(list(ids), dtype=torch.long, device=weight.device))
             if sp is not None:
-                e = torch.cat([self.check_soft_prompt(sp).to(device=weight.device, dtype=e.dtype), e], 0)
+                if self.check_soft_prompt(sp).dim() == 3:
+                    raise SoftPromptError("a deep soft prompt enters through its prefix KV, not inline")
+                e = torch.cat([sp.to(device=weight.device, dtype=e.dtype), e], 0)
             pieces.append(e)
         lengths = [p.shape[0] for p in pieces]
         T = max(lengths)
@@ -203,14 +215,16 @@ class Generator:
 
     @torch.inference_mode()
     def compute_prefix(self, soft_prompt: torch.Tensor) -> PrefixKV:
-        """Run the model on the soft prompt embeddings alone and keep every layer's KV."""
+        """Run the model on the soft prompt embeddings alone and keep every layer's KV.
+
+        A deep prompt's layer inputs are put in place while it runs."""
         from transformers import DynamicCache
 
         weight = self.embedding.weight
         sp = self.check_soft_prompt(soft_prompt)
-        x = sp.to(device=weight.device, dtype=weight.dtype)[None]
+        x = input_slice(sp).to(device=weight.device, dtype=weight.dtype)[None]
         n = x.shape[1]
-        with self.autocast():
+        with self.autocast(), deep_prompt_inputs(self.model, sp.to(device=weight.device)):
             out = self.model(
                 inputs_embeds=x, attention_mask=torch.ones((1, n), dtype=torch.long, device=weight.device),
                 position_ids=torch.arange(n, device=weight.device)[None], use_cache=True, logits_to_keep=1,
@@ -282,15 +296,25 @@ class Generator:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         temps_t = torch.tensor(temps, dtype=torch.float32)
 
+        if prefix_keys is not None and len(prefix_keys) != B:
+            raise ValueError("one prefix key (or None) per row expected")
+        keys = list(prefix_keys) if prefix_keys is not None else [None] * B
         prefixes: list[PrefixKV | None] = [None] * B
-        if prefix_keys is not None:
-            if len(prefix_keys) != B:
-                raise ValueError("one prefix key (or None) per row expected")
-            if self.supports_prefix_cache:
-                prefixes = [
-                    self.prefix_for(key, sp) if key is not None and sp is not None else None
-                    for key, sp in zip(prefix_keys, soft_prompts)
-                ]
+        uncached: dict[int, PrefixKV] = {}  # deep prompts without a key: computed once per call
+        for i, sp in enumerate(soft_prompts):
+            if sp is None:
+                continue
+            deep = self.check_soft_prompt(sp).dim() == 3
+            if (keys[i] is not None or deep) and not self.supports_prefix_cache:
+                if deep:
+                    raise SoftPromptError("deep soft prompts need a model whose layers keep a plain KV cache")
+                continue
+            if keys[i] is not None:
+                prefixes[i] = self.prefix_for(keys[i], sp)
+            elif deep:
+                if id(sp) not in uncached:
+                    uncached[id(sp)] = self.compute_prefix(sp)
+                prefixes[i] = uncached[id(sp)]
         # Rows with a cached prefix feed only their token ids; the others carry their soft prompt inline.
         inline = [None if p is not None else sp for p, sp in zip(prefixes, soft_prompts)]
         x, mask, _ = self.embed_rows(rows, inline)
@@ -370,7 +394,7 @@ class Generator:
         for i, toks in enumerate(tokens):
             stopped = bool(toks) and toks[-1] in self.stop_ids
             body = toks[:-1] if stopped else toks
-            n_soft = 0 if soft_prompts[i] is None else int(soft_prompts[i].shape[0])
+            n_soft = prompt_tokens(soft_prompts[i])
             results.append(
                 GenerationResult(
                     token_ids=toks,

@@ -1,7 +1,10 @@
 """Soft prompts as governed artifacts: a safetensors tensor plus JSON metadata, validated on load.
 
 A soft prompt is an (n_tokens x hidden_size) float tensor that the generator prepends to a
-row's input embeddings. On disk a prompt is a folder:
+row's input embeddings, or a deep prompt (depth x n_tokens x hidden_size, `ragpt.deep_prompt`)
+that also sets the inputs of the first `depth` decoder layers at those positions. Plain
+prompts are written as format_version 1 (unchanged); deep ones as 2, with a "depth" field,
+so an older ragpt refuses them by name instead of misreading them. On disk a prompt is a folder:
 
     prompt.safetensors   one tensor under the key "prompt" (safetensors: no pickle, ever)
     meta.json            department, version, base-model fingerprint, provenance, metrics,
@@ -35,7 +38,7 @@ from ragpt.atomic import atomic_write_bytes, atomic_write_json
 from ragpt.errors import SoftPromptError
 
 FORMAT = "ragpt.softprompt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads; plain prompts are still written as 1
 TENSOR_FILE = "prompt.safetensors"
 META_FILE = "meta.json"
 TENSOR_KEY = "prompt"
@@ -58,6 +61,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+def _depth(t: torch.Tensor) -> int:
+    return 1 if t.dim() == 2 else int(t.shape[0])
+
+
+def _shape_fields(t: torch.Tensor) -> dict[str, Any]:
+    """meta.json's description of a tensor: plain prompts keep format 1's fields exactly."""
+    fields: dict[str, Any] = {"format_version": 1, "n_tokens": int(t.shape[-2]), "hidden_size": int(t.shape[-1])}
+    if _depth(t) > 1:
+        fields.update(format_version=2, depth=_depth(t))
+    return fields
+
+
+def _plain_if_shallow(t: torch.Tensor) -> torch.Tensor:
+    """A (1 x n x hidden) deep prompt is a plain prompt: stored and served as one."""
+    return t[0] if t.dim() == 3 and t.shape[0] == 1 else t
+
+
 def _check_tensor(t: Any, where: str) -> torch.Tensor:
     """The checks every tensor passes, whether created in memory, loaded or imported."""
     if not isinstance(t, torch.Tensor):
@@ -67,9 +87,10 @@ def _check_tensor(t: Any, where: str) -> torch.Tensor:
             f"{where}: dtype {_dtype_name(t.dtype)} is not allowed (use one of "
             f"{', '.join(ALLOWED_DTYPES)})"
         )
-    if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 1:
+    if t.dim() not in (2, 3) or any(d < 1 for d in t.shape):
         raise SoftPromptError(
-            f"{where}: expected a 2-D (n_tokens x hidden_size) tensor, got shape {tuple(t.shape)}"
+            f"{where}: expected a 2-D (n_tokens x hidden_size) or, for a deep prompt, 3-D "
+            f"(depth x n_tokens x hidden_size) tensor, got shape {tuple(t.shape)}"
         )
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
@@ -95,11 +116,16 @@ class SoftPrompt:
 
     @property
     def n_tokens(self) -> int:
-        return int(self.tensor.shape[0])
+        return int(self.tensor.shape[-2])
 
     @property
     def hidden_size(self) -> int:
-        return int(self.tensor.shape[1])
+        return int(self.tensor.shape[-1])
+
+    @property
+    def depth(self) -> int:
+        """1 for a plain prompt; the number of decoder layers a deep prompt sets."""
+        return _depth(self.tensor)
 
     @property
     def base_fingerprint(self) -> str:
@@ -122,7 +148,7 @@ class SoftPrompt:
         extra: dict[str, Any] | None = None,
     ) -> SoftPrompt:
         """A new, unregistered prompt (version None). The tensor is copied to float32 CPU."""
-        t = _check_tensor(tensor.detach(), "soft prompt")
+        t = _plain_if_shallow(_check_tensor(tensor.detach(), "soft prompt"))
         t = t.to(device="cpu", dtype=torch.float32).contiguous().clone()
         if not isinstance(department, str) or not department:
             raise SoftPromptError("department must be a non-empty string")
@@ -130,11 +156,9 @@ class SoftPrompt:
             raise SoftPromptError("base_fingerprint must be a non-empty string")
         meta: dict[str, Any] = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
             "department": department,
             "version": None,  # the registry assigns it
-            "n_tokens": int(t.shape[0]),
-            "hidden_size": int(t.shape[1]),
+            **_shape_fields(t),
             "dtype": "float32",
             "base_model_fingerprint": base_fingerprint,
             "embedder": embedder,
@@ -157,14 +181,11 @@ class SoftPrompt:
         by what was written (it gains "sha256").
         """
         folder = Path(folder)
-        t = _check_tensor(self.tensor, "soft prompt")
+        t = _plain_if_shallow(_check_tensor(self.tensor, "soft prompt"))
         t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
         data = st_save({TENSOR_KEY: t}, metadata={"format": "pt"})
-        meta = dict(self.meta)
-        meta.update(
-            format=FORMAT, format_version=FORMAT_VERSION, n_tokens=int(t.shape[0]),
-            hidden_size=int(t.shape[1]), dtype="float32", sha256=hashlib.sha256(data).hexdigest(),
-        )
+        meta = {k: v for k, v in self.meta.items() if k != "depth"}
+        meta.update(format=FORMAT, **_shape_fields(t), dtype="float32", sha256=hashlib.sha256(data).hexdigest())
         atomic_write_bytes(folder / TENSOR_FILE, data)
         atomic_write_json(folder / META_FILE, meta)
         self.meta = meta
@@ -205,14 +226,17 @@ class SoftPrompt:
             raise SoftPromptError(
                 f"{tensor_path}: dtype {_dtype_name(t.dtype)} disagrees with meta.json ({want_dtype})"
             )
+        depth = meta.get("depth", 1)
         want_shape = (meta["n_tokens"], meta["hidden_size"])
+        if depth > 1:
+            want_shape = (depth, *want_shape)
         if tuple(t.shape) != want_shape:
             raise SoftPromptError(
                 f"{tensor_path}: shape {tuple(t.shape)} disagrees with meta.json {want_shape}"
             )
-        if hidden_size is not None and t.shape[1] != hidden_size:
+        if hidden_size is not None and t.shape[-1] != hidden_size:
             raise SoftPromptError(
-                f"{tensor_path}: hidden size {t.shape[1]} does not match the model's {hidden_size}"
+                f"{tensor_path}: hidden size {t.shape[-1]} does not match the model's {hidden_size}"
             )
         t = _check_tensor(t, str(tensor_path))
         return cls(tensor=t.to(torch.float32).contiguous(), meta=meta)
@@ -247,6 +271,11 @@ def read_meta(folder: Path | str) -> dict[str, Any]:
                      ("department", str), ("base_model_fingerprint", str)):
         if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
             raise SoftPromptError(f"{path}: field {key!r} missing or not a {typ.__name__}")
+    depth = meta.get("depth", 1)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise SoftPromptError(f"{path}: field 'depth' {depth!r} is not a positive integer")
+    if depth > 1 and fv < 2:
+        raise SoftPromptError(f"{path}: a deep prompt (depth {depth}) needs format_version 2, not {fv}")
     return meta
 
 
@@ -324,7 +353,13 @@ def export_peft(
     peft 0.21's PromptTuningConfig.save_pretrained writes, minus peft_version (peft fills it).
     """
     folder = Path(folder)
-    t = _check_tensor(prompt.tensor, "soft prompt").detach().to("cpu", torch.float32).contiguous()
+    t = _plain_if_shallow(_check_tensor(prompt.tensor, "soft prompt")).detach().to("cpu", torch.float32).contiguous()
+    if t.dim() == 3:
+        raise SoftPromptError(
+            f"a deep soft prompt (depth {t.shape[0]}) has no PEFT prompt-tuning equivalent: PEFT's "
+            "prompt tuning learns only the input embeddings. Serve it with ragpt, or train a plain "
+            "prompt (--depth 1) for PEFT"
+        )
     model_hidden = _config_value(model_config, "hidden_size", "n_embd", "d_model")
     if model_hidden is not None and int(model_hidden) != t.shape[1]:
         raise SoftPromptError(
@@ -417,7 +452,7 @@ def import_peft(
 
 def tensor_comparison(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     """Numbers a reviewer wants when comparing two prompts: norms, distance, per-token cosine."""
-    a, b = a.detach().float(), b.detach().float()
+    a, b = a.detach().float(), b.detach().float()  # plain or deep: token vectors are the last dim
     out: dict[str, Any] = {
         "shape_a": list(a.shape), "shape_b": list(b.shape),
         "same_shape": a.shape == b.shape,
@@ -427,7 +462,7 @@ def tensor_comparison(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     if a.shape == b.shape:
         out["l2_distance"] = float((a - b).norm())
         out["max_abs_difference"] = float((a - b).abs().max())
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
         out["mean_token_cosine"] = float(cos.mean())
     # JSON has no NaN; a zero-norm token would give one.
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}

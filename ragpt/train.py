@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ragpt.atomic import atomic_write_json
 from ragpt.causal_attention import chunked_causal_attention
+from ragpt.deep_prompt import decoder_layers, deep_from_shallow, deep_prompt_inputs
 from ragpt.errors import RagptError
 from ragpt.generator import Generator
 from ragpt.metrics import answer_in_text, best_over, exact_match, token_f1
@@ -51,6 +52,7 @@ INIT_MODES = ("text", "vocab", "random")
 class TrainConfig:
     department: str
     n_tokens: int = 20
+    depth: int = 1  # 1: a plain prompt; >1: a deep prompt over the first `depth` layers (ragpt.deep_prompt)
     init: str = "text"  # text: embeddings of init_text; vocab: sampled token embeddings; random
     init_text: str | None = None  # default: the template's system prompt for the department
     steps: int = 120
@@ -80,8 +82,8 @@ class TrainConfig:
             raise RagptError(f"init must be one of {INIT_MODES}, got {self.init!r}")
         if self.gold_context not in GOLD_CONTEXT_MODES:
             raise RagptError(f"gold_context must be one of {GOLD_CONTEXT_MODES}, got {self.gold_context!r}")
-        if self.n_tokens < 1 or self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise RagptError("n_tokens, steps, batch_size and grad_accum must be >= 1")
+        if self.n_tokens < 1 or self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.depth < 1:
+            raise RagptError("n_tokens, depth, steps, batch_size and grad_accum must be >= 1")
         if self.batch_size % self.grad_accum:
             raise RagptError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
 
@@ -90,6 +92,8 @@ class TrainConfig:
         d = asdict(self)
         for volatile in ("eval_every", "patience", "checkpoint_every", "steps"):
             d.pop(volatile)
+        if d["depth"] == 1:
+            del d["depth"]  # plain prompts: same fingerprint (checkpoints, run folders) as before depth existed
         return d
 
 
@@ -132,15 +136,37 @@ def init_distributed_from_env() -> bool:
 
 
 class PromptModule(torch.nn.Module):
-    """The only trainable part: prepends the soft prompt to a batch of token embeddings."""
+    """The only trainable part: prepends the soft prompt to a batch of token embeddings.
+
+    A deep prompt (depth x n x hidden) prepends its slice 0; its other slices enter the decoder
+    layers through `deep_prompt_inputs`, around the model call.
+
+    Per-layer scale: hidden states grow with depth (SmolLM2: RMS 0.1 in the embeddings, 2-26 in
+    layers 1-29), while AdamW moves every element by about lr per step. The parameter is the
+    prompt divided by a fixed per-layer scale (the layer's median RMS over the RMS of slice 0),
+    so one lr changes every layer's vectors by the same relative amount as a plain prompt's.
+    Slice 0 has scale 1: a depth-1 prompt trains exactly as before.
+    """
 
     def __init__(self, init: torch.Tensor):
         super().__init__()
-        self.prompt = torch.nn.Parameter(init.detach().clone().float())
+        init = init.detach().float()
+        scale = torch.ones(1 if init.dim() == 2 else init.shape[0])
+        if init.dim() == 3:
+            rms = init.pow(2).mean(-1).sqrt().median(-1).values.clamp(min=1e-6)
+            scale = rms / rms[0]
+        self.register_buffer("scale", scale, persistent=False)
+        view = scale.view(-1, 1, 1) if init.dim() == 3 else scale
+        self.prompt = torch.nn.Parameter((init / view).clone())
+
+    def effective(self) -> torch.Tensor:
+        """The soft prompt the model sees (what is evaluated, checkpointed as best and saved)."""
+        return self.prompt * self.scale.view(-1, 1, 1) if self.prompt.dim() == 3 else self.prompt
 
     def forward(self, token_embeds: torch.Tensor) -> torch.Tensor:
         B = token_embeds.shape[0]
-        p = self.prompt.to(token_embeds.dtype).unsqueeze(0).expand(B, -1, -1)
+        first = self.prompt if self.prompt.dim() == 2 else self.prompt[0] * self.scale[0]
+        p = first.to(token_embeds.dtype).unsqueeze(0).expand(B, -1, -1)
         return torch.cat([p, token_embeds], dim=1)
 
 
@@ -277,7 +303,9 @@ def answer_loss_sum(model, prompt_module, rows: list[TrainExample], autocast) ->
 
 def _group_loss_sum(model, prompt_module, rows: list[TrainExample], autocast) -> tuple[torch.Tensor, int]:
     device = model.get_input_embeddings().weight.device
-    n = getattr(prompt_module, "module", prompt_module).prompt.shape[0]  # DDP wraps the module
+    inner = getattr(prompt_module, "module", prompt_module)  # DDP wraps the module
+    n = inner.prompt.shape[-2]
+    deep = inner.effective() if inner.prompt.dim() == 3 else None
     T = max(len(r.ids) for r in rows)
     pad = 0
     ids = torch.full((len(rows), T), pad, dtype=torch.long, device=device)
@@ -296,7 +324,7 @@ def _group_loss_sum(model, prompt_module, rows: list[TrainExample], autocast) ->
         # ever attends to a pad, so the causal-only path gives the same answer-position states
         # (13% faster than a padding mask even with SDPA). It also lets the chunked causal attention
         # replace SDPA's CPU flash kernel: 5.75 -> 3.72 s per step in benchmarks/train_step_profile.py.
-        with chunked_causal_attention(model):
+        with chunked_causal_attention(model), deep_prompt_inputs(model, deep):
             hidden = model.base_model(inputs_embeds=embeds, attention_mask=None, position_ids=positions,
                                       use_cache=False).last_hidden_state
         h = hidden[torch.tensor(row_idx), torch.tensor(pos_idx)]
@@ -397,7 +425,13 @@ def train_prompt(
     compute_model = inference_model(model, bool(cfg.bf16))
     generator = Generator(compute_model, tokenizer)  # for dev evaluation
 
-    module = PromptModule(init_prompt(model, tokenizer, cfg))
+    n_layers = len(decoder_layers(model))
+    if cfg.depth > n_layers:
+        raise RagptError(f"depth {cfg.depth} exceeds the model's {n_layers} layers")
+    init = init_prompt(model, tokenizer, cfg)
+    if cfg.depth > 1:  # starts as exactly the plain prompt's function (see deep_from_shallow)
+        init = deep_from_shallow(model, init, cfg.depth)
+    module = PromptModule(init)
     trainable = module
     if world > 1:
         trainable = torch.nn.parallel.DistributedDataParallel(module)
@@ -411,7 +445,7 @@ def train_prompt(
 
     start_step, loss_curve, evals = 0, [], []
     best = {"f1": -1.0, "step": 0}
-    best_prompt = module.prompt.detach().clone()
+    best_prompt = module.effective().detach().clone()
     bad_evals = 0
     config_fp = cfg.fingerprint()
     ckpt = load_checkpoint(checkpoint_dir) if (checkpoint_dir and resume) else None
@@ -482,14 +516,14 @@ def train_prompt(
         if dev and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
             f1 = torch.tensor([0.0])
             if main:
-                r = evaluate(generator, dev, module.prompt.detach(), cfg.eval_max_new_tokens)
+                r = evaluate(generator, dev, module.effective().detach(), cfg.eval_max_new_tokens)
                 f1 = torch.tensor([r["f1"]])
                 evals.append({"step": step + 1, "f1": round(r["f1"], 3), "em": round(r["em"], 3)})
             if world > 1:
                 dist.broadcast(f1, src=0)  # every process takes the same early-stopping decision
             if f1.item() > best["f1"]:
                 best = {"f1": f1.item(), "step": step + 1}
-                best_prompt = module.prompt.detach().clone()
+                best_prompt = module.effective().detach().clone()
                 bad_evals = 0
             else:
                 bad_evals += 1
@@ -499,7 +533,7 @@ def train_prompt(
             if cfg.patience and bad_evals >= cfg.patience:
                 stopped_early = True
         elif not dev:
-            best_prompt = module.prompt.detach().clone()
+            best_prompt = module.effective().detach().clone()
             best = {"f1": float("nan"), "step": step + 1}
 
         if checkpoint_dir and main and ((step + 1) % cfg.checkpoint_every == 0 or last or stopped_early):

@@ -67,7 +67,7 @@ def build_tiny_tokenizer():
     return fast
 
 
-def build_tiny_model(tokenizer, seed: int = 0):
+def build_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -75,7 +75,7 @@ def build_tiny_model(tokenizer, seed: int = 0):
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,

@@ -168,7 +168,8 @@ def test_stream_yields_the_same_tokens_as_generate(tiny_model, tiny_tokenizer):
     [
         pytest.param(lambda h: torch.zeros(4, h + 1), id="wrong-hidden-size"),
         pytest.param(lambda h: torch.zeros(h), id="1-d"),
-        pytest.param(lambda h: torch.zeros(1, 4, h), id="3-d"),
+        pytest.param(lambda h: torch.zeros(1, 1, 4, h), id="4-d"),
+        pytest.param(lambda h: torch.zeros(9, 4, h), id="deeper-than-the-model"),
         pytest.param(lambda h: torch.full((4, h), float("nan")), id="nan"),
         pytest.param(lambda h: torch.tensor([[float("inf")] * h]), id="inf"),
         pytest.param(lambda h: torch.zeros(4, h, dtype=torch.long), id="integer"),

@@ -343,3 +343,72 @@ def test_loaded_prompt_drives_the_generator(saved, tiny_llama, fingerprint):
     # The prompt changes what the model says: without it the same row continues differently.
     plain = gen.generate(rows[:1], max_new_tokens=8)
     assert plain[0].token_ids != with_prompt[0].token_ids
+
+
+# --------------------------------------------------------------------------- deep prompts
+
+
+def make_deep(fingerprint: str, depth: int = 2) -> SoftPrompt:
+    g = torch.Generator().manual_seed(7)
+    return SoftPrompt.create(torch.randn(depth, N_TOKENS, HIDDEN, generator=g), department="hr",
+                             base_fingerprint=fingerprint, hyperparameters={"depth": depth})
+
+
+def test_deep_prompt_round_trip_is_bit_exact_and_marked_format_2(tmp_path, fingerprint):
+    deep = make_deep(fingerprint)
+    assert (deep.depth, deep.n_tokens, deep.hidden_size) == (2, N_TOKENS, HIDDEN)
+    deep.save(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert (meta["format_version"], meta["depth"], meta["n_tokens"], meta["hidden_size"]) == (2, 2, N_TOKENS, HIDDEN)
+    loaded = SoftPrompt.load(tmp_path / "d", base_fingerprint=fingerprint, hidden_size=HIDDEN)
+    assert torch.equal(loaded.tensor, deep.tensor) and loaded.depth == 2
+
+
+def test_plain_prompts_stay_format_1_without_a_depth_field(saved):
+    _, folder = saved
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["format_version"] == 1 and "depth" not in meta
+
+
+def test_depth_one_deep_tensor_is_stored_as_a_plain_prompt(tmp_path, fingerprint):
+    one = SoftPrompt.create(torch.randn(1, N_TOKENS, HIDDEN), department="hr", base_fingerprint=fingerprint)
+    assert one.tensor.shape == (N_TOKENS, HIDDEN) and one.depth == 1 and one.meta["format_version"] == 1
+
+
+def test_deep_prompt_with_its_depth_field_removed_is_refused(tmp_path, fingerprint):
+    make_deep(fingerprint).save(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    del meta["depth"]
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    refused(tmp_path / "d", r"shape \(2, 4, 64\) disagrees with meta.json \(4, 64\)")
+
+
+def test_deep_prompt_claiming_format_1_is_refused(tmp_path, fingerprint):
+    make_deep(fingerprint).save(tmp_path / "d")
+    edit_meta(tmp_path / "d", format_version=1)
+    refused(tmp_path / "d", "needs format_version 2", file="meta.json")
+
+
+def test_deep_prompt_is_not_exported_to_peft_prompt_tuning(tmp_path, tiny_llama, fingerprint):
+    from ragpt.softprompt import export_peft
+
+    with pytest.raises(SoftPromptError, match="deep soft prompt"):
+        export_peft(make_deep(fingerprint), tmp_path / "x", base_model_name_or_path=None,
+                    model_config=tiny_llama.config)
+    assert not (tmp_path / "x").exists()
+
+
+def test_loaded_deep_prompt_drives_the_generator(tmp_path, tiny_llama, fingerprint):
+    from ragpt.deep_prompt import deep_from_shallow
+
+    tok = build_word_tokenizer()
+    gen = Generator(tiny_llama, tok)
+    plain = make_prompt(fingerprint)
+    deep = SoftPrompt.create(deep_from_shallow(tiny_llama, plain.tensor, 2), department="hr",
+                             base_fingerprint=fingerprint)
+    deep.save(tmp_path / "d")
+    loaded = SoftPrompt.load(tmp_path / "d", base_fingerprint=fingerprint, hidden_size=gen.hidden_size)
+    row = tok("w5 w17 w42 w8", add_special_tokens=False)["input_ids"]
+    # Deepened from the plain prompt, it answers as the plain prompt does.
+    assert gen.generate([row], [loaded.tensor], max_new_tokens=8)[0].token_ids == \
+        _greedy_reference(tiny_llama, plain.tensor, row, 8)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 
+from ragpt.deep_prompt import prompt_tokens
 from ragpt.errors import EmptyQuestionError
 from ragpt.pipeline import Citation, Pipeline, passages_from_hits
 from ragpt.retrieval import RetrievedChunk
@@ -93,7 +94,7 @@ class Prepared:
 
     @property
     def prompt_tokens(self) -> int:  # counted as Pipeline counts them: soft-prompt positions included
-        return len(self.ids) + (0 if self.soft_prompt is None else int(self.soft_prompt.shape[0]))
+        return len(self.ids) + prompt_tokens(self.soft_prompt)
 
     @property
     def citations(self) -> list[Citation]:

@@ -128,26 +128,47 @@ def diff(ctx: typer.Context, department: str, a: str, b: str) -> None:
 
 
 @prompts_app.command("export")
-def export(ctx: typer.Context, department: str, version: str,
-           out_dir: Annotated[Path, typer.Argument(help="Folder for the PEFT adapter.")]) -> None:
-    """Write a version as a PEFT prompt-tuning adapter (adapter_config.json + safetensors)."""
+def export(
+    ctx: typer.Context, department: str, version: str,
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the PEFT adapter.")],
+    peft_type: Annotated[str, typer.Option(
+        help="auto (prompt-tuning for a plain prompt, prefix-tuning for a deep one), prompt-tuning "
+             "or prefix-tuning (any prompt, as each layer's keys and values; loads the model).")] = "auto",
+) -> None:
+    """Write a version as a PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
     from ragpt.models import resolve_generator_path
 
     try:
+        if peft_type not in ("auto", "prompt-tuning", "prefix-tuning"):
+            raise RagptError(f"--peft-type must be auto, prompt-tuning or prefix-tuning, not {peft_type!r}")
         s = settings_from_ctx(ctx)
-        from transformers import AutoConfig
+        registry = _registry(ctx)
+        if peft_type == "auto":
+            deep = registry.load(department, version).depth > 1
+            peft_type = "prefix-tuning" if deep else "prompt-tuning"
+        if peft_type == "prefix-tuning":
+            from ragpt.models import load_generator_model
+            from ragpt.peft_prefix import export_peft_prefix
+            from ragpt.softprompt import base_model_fingerprint
 
-        # Only the config is needed (layer and head counts), not the weights.
-        where = resolve_generator_path(s)
-        try:
-            config = AutoConfig.from_pretrained(str(where))
-        except OSError as e:
-            raise RagptError(f"cannot read the generator config from {where}: {e}") from e
-        _registry(ctx).export_peft(department, version, out_dir,
-                                   base_model_name_or_path=str(s.generator), model_config=config)
+            model, _tok = load_generator_model(s)
+            prompt = registry.load(department, version, base_fingerprint=base_model_fingerprint(model),
+                                   hidden_size=int(model.get_input_embeddings().weight.shape[1]))
+            export_peft_prefix(prompt, out_dir, model=model, base_model_name_or_path=str(s.generator))
+        else:
+            from transformers import AutoConfig
+
+            # Only the config is needed (layer and head counts), not the weights.
+            where = resolve_generator_path(s)
+            try:
+                config = AutoConfig.from_pretrained(str(where))
+            except OSError as e:
+                raise RagptError(f"cannot read the generator config from {where}: {e}") from e
+            registry.export_peft(department, version, out_dir,
+                                 base_model_name_or_path=str(s.generator), model_config=config)
     except RagptError as e:
         fail(e)
-    typer.echo(f"{department} {version} -> {out_dir}")
+    typer.echo(f"{department} {version} -> {out_dir} ({peft_type})")
 
 
 @prompts_app.command("import")

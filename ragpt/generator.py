@@ -82,6 +82,25 @@ class PrefixKV:
     source: torch.Tensor  # the soft prompt it was computed from, to detect a reused key
 
 
+@torch.inference_mode()
+def prompt_kv(model, soft_prompt: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Every layer's keys and values, (1, kv_heads, n, head_dim) each, at positions 0..n-1 of a
+    plain or deep soft prompt run alone (a deep prompt's layer inputs put in place)."""
+    from transformers import DynamicCache
+
+    weight = model.get_input_embeddings().weight
+    x = input_slice(soft_prompt).to(device=weight.device, dtype=weight.dtype)[None]
+    n = x.shape[1]
+    with deep_prompt_inputs(model, soft_prompt.to(device=weight.device)):
+        out = model(
+            inputs_embeds=x, attention_mask=torch.ones((1, n), dtype=torch.long, device=weight.device),
+            position_ids=torch.arange(n, device=weight.device)[None], use_cache=True, logits_to_keep=1,
+            **{cache_kwarg(model): DynamicCache(config=model.config)},
+        )
+    layers = output_cache(out).layers
+    return tuple(layer.keys.detach() for layer in layers), tuple(layer.values.detach() for layer in layers)
+
+
 class PrefixCache:
     """Soft-prompt KV per key (e.g. (department, version)), computed once, least recently used out.
 
@@ -215,28 +234,11 @@ class Generator:
 
     @torch.inference_mode()
     def compute_prefix(self, soft_prompt: torch.Tensor) -> PrefixKV:
-        """Run the model on the soft prompt embeddings alone and keep every layer's KV.
-
-        A deep prompt's layer inputs are put in place while it runs."""
-        from transformers import DynamicCache
-
-        weight = self.embedding.weight
+        """Run the model on the soft prompt alone and keep every layer's KV (`prompt_kv`)."""
         sp = self.check_soft_prompt(soft_prompt)
-        x = input_slice(sp).to(device=weight.device, dtype=weight.dtype)[None]
-        n = x.shape[1]
-        with self.autocast(), deep_prompt_inputs(self.model, sp.to(device=weight.device)):
-            out = self.model(
-                inputs_embeds=x, attention_mask=torch.ones((1, n), dtype=torch.long, device=weight.device),
-                position_ids=torch.arange(n, device=weight.device)[None], use_cache=True, logits_to_keep=1,
-                **{self._cache_kw: DynamicCache(config=self.model.config)},
-            )
-        layers = output_cache(out).layers
-        return PrefixKV(
-            n_tokens=n,
-            keys=tuple(layer.keys.detach() for layer in layers),
-            values=tuple(layer.values.detach() for layer in layers),
-            source=soft_prompt,
-        )
+        with self.autocast():
+            keys, values = prompt_kv(self.model, sp)
+        return PrefixKV(n_tokens=sp.shape[-2], keys=keys, values=values, source=soft_prompt)
 
     def prefix_for(self, key: Hashable, soft_prompt: torch.Tensor) -> PrefixKV:
         return self.prefix_cache.get(key, soft_prompt, self.compute_prefix)

@@ -364,6 +364,7 @@ class PromptRegistry:
                 "registered": entry.get("registered"),
                 "author": meta.get("author"),
                 "n_tokens": meta.get("n_tokens"),
+                "depth": meta.get("depth", 1),
                 "metrics": meta.get("metrics", {}),
             })
         return rows

@@ -357,8 +357,8 @@ def export_peft(
     if t.dim() == 3:
         raise SoftPromptError(
             f"a deep soft prompt (depth {t.shape[0]}) has no PEFT prompt-tuning equivalent: PEFT's "
-            "prompt tuning learns only the input embeddings. Serve it with ragpt, or train a plain "
-            "prompt (--depth 1) for PEFT"
+            "prompt tuning learns only the input embeddings. Export it as a prefix-tuning adapter "
+            "(ragpt.peft_prefix, `ragpt prompts export --peft-type prefix-tuning`)"
         )
     model_hidden = _config_value(model_config, "hidden_size", "n_embd", "d_model")
     if model_hidden is not None and int(model_hidden) != t.shape[1]:
@@ -408,6 +408,11 @@ def import_peft(
     cfg_path = folder / PEFT_CONFIG_FILE
     w_path = folder / PEFT_WEIGHTS_FILE
     cfg = _read_json_object(cfg_path)
+    if cfg.get("peft_type") == "PREFIX_TUNING":
+        raise SoftPromptError(
+            f"{cfg_path}: a prefix-tuning adapter holds each layer's keys and values, which cannot be "
+            "turned back into a soft prompt; only PROMPT_TUNING adapters are imported"
+        )
     if cfg.get("peft_type") != "PROMPT_TUNING":
         raise SoftPromptError(
             f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}, only PROMPT_TUNING is supported"

@@ -160,3 +160,68 @@ def test_export_refuses_a_config_of_another_width(tmp_path, tiny_llama, prompt):
     with pytest.raises(SoftPromptError, match="hidden size 64 does not match"):
         export_peft(prompt, tmp_path / "x", base_model_name_or_path=None, model_config=cfg)
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- prefix tuning (deep prompts)
+
+
+def _deep(model, seed: int = 4) -> torch.Tensor:
+    """A deep prompt whose deeper slices differ from what its slice 0 would produce there."""
+    from ragpt.deep_prompt import deep_from_shallow
+
+    g = torch.Generator().manual_seed(seed)
+    deep = deep_from_shallow(model, torch.randn(N_TOKENS, HIDDEN, generator=g), 2)
+    deep[1] = torch.randn(N_TOKENS, HIDDEN, generator=g) * deep[1].norm(dim=-1, keepdim=True) / HIDDEN ** 0.5
+    return deep
+
+
+@torch.no_grad()
+def ragpt_deep_logits(model, deep: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
+    """Logits at the token positions, with the deep prompt's layer inputs in place."""
+    from ragpt.deep_prompt import deep_prompt_inputs
+
+    x = torch.cat([deep[0].expand(len(ids), -1, -1), model.get_input_embeddings()(torch.tensor(ids))], dim=1)
+    with deep_prompt_inputs(model, deep):
+        return model(inputs_embeds=x).logits[:, deep.shape[1]:]
+
+
+@pytest.mark.parametrize("kind", ["deep", "plain"])
+def test_prompt_exported_as_prefix_tuning_computes_the_same_logits_in_peft(tmp_path, tiny_llama, kind):
+    from ragpt.peft_prefix import export_peft_prefix
+
+    fp = base_model_fingerprint(tiny_llama)
+    tensor = _deep(tiny_llama) if kind == "deep" else torch.randn(N_TOKENS, HIDDEN)
+    sp = SoftPrompt.create(tensor, department="legal", base_fingerprint=fp)
+    export_peft_prefix(sp, tmp_path / "a", model=tiny_llama, base_model_name_or_path="tiny-llama")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["num_virtual_tokens"], cfg["num_layers"]) == ("PREFIX_TUNING", N_TOKENS, 2)
+    # Two kv heads of 16 dims, keys and values, two layers.
+    assert load_file(tmp_path / "a" / "adapter_model.safetensors")["prompt_embeddings"].shape == (N_TOKENS, 2 * 2 * 32)
+
+    deep = sp.tensor if kind == "deep" else sp.tensor[None]
+    expected = ragpt_deep_logits(tiny_llama, deep, IDS)
+    peft_model = peft.PeftModel.from_pretrained(build_llama(0), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=torch.tensor(IDS)).logits
+    assert got.shape == expected.shape == (2, len(IDS[0]), 100)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if kind == "deep":  # the deeper slice matters: without it the logits differ
+        assert not torch.allclose(ragpt_deep_logits(tiny_llama, deep[:1], IDS), expected, atol=1e-3)
+
+
+def test_prefix_export_refuses_another_base_model(tmp_path, tiny_llama):
+    from ragpt.peft_prefix import export_peft_prefix
+
+    sp = SoftPrompt.create(_deep(tiny_llama), department="legal", base_fingerprint="0" * 64)
+    with pytest.raises(SoftPromptError, match="another base model"):
+        export_peft_prefix(sp, tmp_path / "a", model=tiny_llama, base_model_name_or_path=None)
+    assert not (tmp_path / "a").exists()
+
+
+def test_prefix_tuning_adapter_is_not_imported(tmp_path, tiny_llama):
+    from ragpt.peft_prefix import export_peft_prefix
+
+    sp = SoftPrompt.create(_deep(tiny_llama), department="legal", base_fingerprint=base_model_fingerprint(tiny_llama))
+    export_peft_prefix(sp, tmp_path / "a", model=tiny_llama, base_model_name_or_path=None)
+    with pytest.raises(SoftPromptError, match="cannot be turned back"):
+        import_peft(tmp_path / "a", department="legal", base_fingerprint="f" * 64)

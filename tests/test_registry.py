@@ -432,3 +432,29 @@ def test_cli_export_and_import_peft(cli, tmp_path, generator_dir):
     bad.mkdir()
     r = cli("import", str(bad), "--department", "legal")
     assert r.exit_code == 2 and "adapter_config.json: missing" in r.output
+
+
+def test_cli_exports_a_deep_prompt_as_prefix_tuning(cli, tmp_path, generator_dir):
+    """`prompts export` picks prefix tuning for a deep prompt (auto) and checks its base model."""
+    from ragpt.config import Settings
+    from ragpt.deep_prompt import deep_from_shallow
+    from ragpt.models import load_generator_model
+
+    model, _ = load_generator_model(Settings(generator=str(generator_dir), cache_dir=tmp_path / "cache"))
+    fp = base_model_fingerprint(model)
+    reg = PromptRegistry(tmp_path / "prompts")
+    deep = deep_from_shallow(model, torch.randn(4, HIDDEN), 2)
+    reg.register(SoftPrompt.create(deep, department="hr", base_fingerprint=fp), actor="trainer")
+    assert reg.versions("hr")[0]["depth"] == 2
+    r = cli("export", "hr", "v1", str(tmp_path / "auto"))
+    assert r.exit_code == 0 and "(prefix-tuning)" in r.output, r.output
+    cfg = json.loads((tmp_path / "auto" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["num_layers"], cfg["num_virtual_tokens"]) == ("PREFIX_TUNING", 2, 4)
+    r = cli("export", "hr", "v1", str(tmp_path / "pt"), "--peft-type", "prompt-tuning")
+    assert r.exit_code == 2 and "no PEFT prompt-tuning equivalent" in r.output
+    assert not (tmp_path / "pt").exists()
+    # A prompt registered for another base model is refused before anything is written.
+    reg.register(SoftPrompt.create(deep, department="hr", base_fingerprint="0" * 64), actor="trainer")
+    r = cli("export", "hr", "v2", str(tmp_path / "other"))
+    assert r.exit_code == 2 and "another base model" in r.output
+    assert not (tmp_path / "other").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 
 import pytest
@@ -198,3 +199,35 @@ def test_per_layer_scale_makes_one_lr_a_relative_step_per_layer(model):
     torch.testing.assert_close(module.scale, rms / rms[0])
     plain = PromptModule(deep[0])
     assert torch.equal(plain.prompt.detach(), deep[0]) and torch.equal(plain.effective(), plain.prompt)
+
+
+@pytest.mark.integration
+def test_real_generator_deep_prompt_and_its_peft_prefix_export(real_generator, tmp_path):
+    """SmolLM2: a deep prompt made from the text-initialised plain prompt answers exactly as the
+    plain one; after changing its deeper slices, the PEFT prefix-tuning export gives the same
+    next-token logits in peft as ragpt's prefix path."""
+    from peft import PeftModel
+
+    from ragpt.peft_prefix import export_peft_prefix
+    from ragpt.softprompt import SoftPrompt, base_model_fingerprint
+    from ragpt.template import build_prompt_ids
+    from ragpt.train import TrainConfig, init_prompt
+
+    model, tok = real_generator
+    gen = Generator(model, tok)  # float32: the comparison is exact up to float summation order
+    sp = init_prompt(model, tok, TrainConfig(department="hr"))
+    deep = deep_from_shallow(model, sp, model.config.num_hidden_layers)
+    ids = build_prompt_ids(tok, "How many vacation days do I get?", [], department="hr")
+    plain_answer, deep_answer = gen.generate([ids, ids], [sp, deep], max_new_tokens=12)
+    assert deep_answer.token_ids == plain_answer.token_ids
+
+    changed = _perturbed(deep)
+    prompt = SoftPrompt.create(changed, department="hr", base_fingerprint=base_model_fingerprint(model))
+    export_peft_prefix(prompt, tmp_path / "peft", model=model, base_model_name_or_path=None)
+    with torch.no_grad():
+        ours = _last_logits(model, changed, ids)
+        # A copy: PeftModel wraps the model it is given, and this one is shared by the session.
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft")).eval()
+        theirs = peft_model(input_ids=torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-3)
+    assert (ours - _last_logits(model, deep, ids)).abs().max() > 1e-2  # the deeper slices mattered

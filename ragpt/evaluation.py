@@ -218,10 +218,11 @@ def soft_method(registry: PromptRegistry, department: str, name: str, version: s
         bytes=file.stat().st_size if file.is_file() else 4 * int(sp.tensor.numel()),
         details={
             "version": version, "state": state, "sha256": sp.meta.get("sha256"), "n_tokens": sp.n_tokens,
+            "depth": sp.depth,
             "created": sp.meta.get("created"), "author": sp.meta.get("author"),
             "training_data_sha256": sp.meta.get("training_data_sha256"),
             "index_manifest_sha256": sp.meta.get("index_manifest_sha256"),
-            "hyperparameters": {k: hp.get(k) for k in ("steps", "lr", "n_tokens", "init", "k", "gold_context",
+            "hyperparameters": {k: hp.get(k) for k in ("steps", "lr", "n_tokens", "depth", "init", "k", "gold_context",
                                                        "max_context_tokens", "seed", "dev_fraction", "dev_max")
                                 if k in hp},
             "training_metrics": sp.meta.get("metrics") or {},

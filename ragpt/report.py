@@ -173,7 +173,8 @@ def _methods(results: dict) -> list[str]:
             info = m["method"]
             det = info.get("details", {})
             if info["kind"] == "soft":
-                what = f"{det.get('version')} ({det.get('state')}), {det.get('n_tokens')} tokens, sha256 " \
+                deep = f" x {det['depth']} layers (deep)" if det.get("depth", 1) > 1 else ""
+                what = f"{det.get('version')} ({det.get('state')}), {det.get('n_tokens')} tokens{deep}, sha256 " \
                        f"{str(det.get('sha256'))[:12]}"
             elif info["kind"] == "instruction":
                 what = f"{det.get('tokens')} tokens of text: \"{det.get('text')}\""

@@ -8,7 +8,7 @@
 # benchmarks/gold_context_table.py pairs the results with v1's on the same questions. Prompts
 # are registered as drafts (the release decisions stay with the v1 reports).
 #
-# DEPTH=30 LR=1e-2 trains deep prompts (every layer's prompt-position inputs, `--depth`)
+# DEPTH=30 (lr 1e-2 by default) trains deep prompts (every layer's prompt-position inputs, `--depth`)
 # instead; at 3e-2 their loss diverged once warm-up reached about 2.5e-2.
 #
 #   RAGPT_DATA_DIR=../shared/data MODE=never benchmarks/gold_context_ablation.sh  # after department_prompts.sh
@@ -19,7 +19,7 @@ RAGPT=${RAGPT:-.venv/bin/ragpt}
 DATA=${DATA:-.cache/shared-qa}
 MODE=${MODE:-never}
 DEPTH=${DEPTH:-1}
-LR=${LR:-3e-2}
+if [ "$DEPTH" = 1 ]; then LR=${LR:-3e-2}; else LR=${LR:-1e-2}; fi  # deep diverged at 3e-2
 if [ "$DEPTH" = 1 ]; then default_out=benchmarks/results/gold_context_$MODE
 else default_out=benchmarks/results/deep${DEPTH}_$MODE; fi
 OUT=${OUT:-$default_out}

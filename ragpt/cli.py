@@ -192,6 +192,7 @@ def train(
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 10,
     n_tokens: Annotated[int, typer.Option(help="Soft prompt length (virtual tokens).")] = 20,
     depth: Annotated[int, typer.Option(
+        min=1,
         help="Decoder layers whose prompt-position inputs are learned: 1 = a plain prompt, "
              "more = a deep prompt (P-tuning v2 style; the model's layer count for all).")] = 1,
     init: Annotated[str, typer.Option(help="Initialisation: text, vocab or random.")] = "text",

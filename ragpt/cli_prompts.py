@@ -153,7 +153,8 @@ def export(
 
             model, _tok = load_generator_model(s)
             prompt = registry.load(department, version, base_fingerprint=base_model_fingerprint(model),
-                                   hidden_size=int(model.get_input_embeddings().weight.shape[1]))
+                                   hidden_size=int(model.get_input_embeddings().weight.shape[1]),
+                                   max_depth=int(model.config.num_hidden_layers))
             export_peft_prefix(prompt, out_dir, model=model, base_model_name_or_path=str(s.generator))
         else:
             from transformers import AutoConfig

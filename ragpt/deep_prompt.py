@@ -15,7 +15,9 @@ training starts from the same function, with more freedom.
 
 The replacement runs in forward pre-hooks installed once per decoder layer. They act only
 inside `deep_prompt_inputs(...)` and only in the thread that entered it (a thread-local
-table), so a serving thread generating with the same model is never affected.
+table), so a serving thread generating with the same model is never affected. (Gradient
+checkpointing would re-run layers after the block has exited, without the replacement; the
+trainer does not use it.)
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _replace_prompt_positions(layer, args, kwargs):
     n = deep.shape[1]
     if hidden.shape[1] < n:
         raise SoftPromptError(f"deep prompt of {n} positions, but the layer input has only {hidden.shape[1]}")
-    p = deep[index].to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+    p = deep[index].to(hidden).unsqueeze(0).expand(hidden.shape[0], -1, -1)
     hidden = torch.cat([p, hidden[:, n:]], dim=1)  # cat, not in-place: gradients reach the prompt
     if args:
         return (hidden, *rest), kwargs
@@ -78,11 +80,15 @@ def _replace_prompt_positions(layer, args, kwargs):
     return args, kwargs
 
 
+_INSTALL_LOCK = threading.Lock()
+
+
 def _install(layers: torch.nn.ModuleList) -> None:
-    for layer in layers:
-        if not getattr(layer, _HOOKED, False):
-            layer.register_forward_pre_hook(_replace_prompt_positions, with_kwargs=True)
-            setattr(layer, _HOOKED, True)
+    with _INSTALL_LOCK:  # two threads must not hook a layer twice
+        for layer in layers:
+            if not getattr(layer, _HOOKED, False):
+                layer.register_forward_pre_hook(_replace_prompt_positions, with_kwargs=True)
+                setattr(layer, _HOOKED, True)
 
 
 @contextlib.contextmanager

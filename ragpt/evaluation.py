@@ -206,7 +206,8 @@ def soft_method(registry: PromptRegistry, department: str, name: str, version: s
     """
     from ragpt.softprompt import TENSOR_FILE
 
-    sp = registry.load(department, version, base_fingerprint=base_fingerprint, hidden_size=generator.hidden_size)
+    sp = registry.load(department, version, base_fingerprint=base_fingerprint, hidden_size=generator.hidden_size,
+                       max_depth=generator.max_prompt_depth)
     folder = Path(registry.root) / department / version
     file = folder / TENSOR_FILE
     state = next((r["state"] for r in registry.versions(department) if r["version"] == version), None)

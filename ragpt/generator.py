@@ -180,11 +180,19 @@ class Generator:
         device = self.embedding.weight.device.type
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
+    @property
+    def max_prompt_depth(self) -> int:
+        """The deepest soft prompt this model takes: its decoder layer count (1 if they cannot be hooked)."""
+        try:
+            return len(decoder_layers(self.model))
+        except SoftPromptError:
+            return 1
+
     def check_soft_prompt(self, sp: torch.Tensor) -> torch.Tensor:
         """A plain (n_tokens x hidden) or deep (depth x n_tokens x hidden) prompt, validated."""
         ok = isinstance(sp, torch.Tensor) and sp.dim() in (2, 3) and sp.shape[-1] == self.hidden_size
         if ok and sp.dim() == 3:
-            ok = 1 <= sp.shape[0] <= len(decoder_layers(self.model))
+            ok = 1 <= sp.shape[0] <= self.max_prompt_depth
         if not ok:
             shape = tuple(sp.shape) if isinstance(sp, torch.Tensor) else type(sp).__name__
             raise SoftPromptError(
@@ -225,12 +233,16 @@ class Generator:
         Only then does a precomputed prefix sit unchanged in the first cache slots.
         """
         if self._prefix_ok is None:
-            from transformers import DynamicCache
-            from transformers.cache_utils import DynamicLayer
-
-            layers = getattr(DynamicCache(config=self.model.config), "layers", None)
-            self._prefix_ok = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            self._prefix_ok = self.model_supports_prefix_cache(self.model)
         return self._prefix_ok
+
+    @staticmethod
+    def model_supports_prefix_cache(model) -> bool:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(DynamicCache(config=model.config), "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
     @torch.inference_mode()
     def compute_prefix(self, soft_prompt: torch.Tensor) -> PrefixKV:

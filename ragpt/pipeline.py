@@ -155,7 +155,7 @@ class Pipeline:
             gen = self.generator
             base = self._base_model or gen.base_model
             sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(base),
-                                    hidden_size=gen.hidden_size)
+                                    hidden_size=gen.hidden_size, max_depth=gen.max_prompt_depth)
             self._prompt_cache[key] = sp.tensor
         return self._prompt_cache[key], version
 

@@ -319,6 +319,7 @@ class PromptRegistry:
         *,
         base_fingerprint: str | None = None,
         hidden_size: int | None = None,
+        max_depth: int | None = None,
     ) -> SoftPrompt:
         """A validated prompt: `version`, or the active one when None."""
         state = self._read_state(dept)
@@ -337,7 +338,8 @@ class PromptRegistry:
         if meta_path.is_file() and entry.get("meta_sha256") and \
                 sha256_file(meta_path) != entry["meta_sha256"]:
             raise SoftPromptError(f"{meta_path}: changed since it was registered")
-        prompt = SoftPrompt.load(folder, base_fingerprint=base_fingerprint, hidden_size=hidden_size)
+        prompt = SoftPrompt.load(folder, base_fingerprint=base_fingerprint, hidden_size=hidden_size,
+                                 max_depth=max_depth)
         if prompt.meta.get("sha256") != entry.get("sha256", prompt.meta.get("sha256")):
             raise SoftPromptError(f"{folder}: tensor differs from the one registered")
         if prompt.department != dept or prompt.version != version:

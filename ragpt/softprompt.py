@@ -198,8 +198,11 @@ class SoftPrompt:
         *,
         base_fingerprint: str | None = None,
         hidden_size: int | None = None,
+        max_depth: int | None = None,
     ) -> SoftPrompt:
-        """Read and validate a prompt folder; every failure is a SoftPromptError naming the file."""
+        """Read and validate a prompt folder; every failure is a SoftPromptError naming the file.
+
+        `hidden_size` and `max_depth` (the model's decoder layer count) check it fits the model."""
         folder = Path(folder)
         meta = read_meta(folder)
         meta_path = folder / META_FILE
@@ -238,6 +241,8 @@ class SoftPrompt:
             raise SoftPromptError(
                 f"{tensor_path}: hidden size {t.shape[-1]} does not match the model's {hidden_size}"
             )
+        if max_depth is not None and depth > max_depth:
+            raise SoftPromptError(f"{tensor_path}: deep prompt of depth {depth}, but the model has {max_depth} layers")
         t = _check_tensor(t, str(tensor_path))
         return cls(tensor=t.to(torch.float32).contiguous(), meta=meta)
 
@@ -259,7 +264,7 @@ def read_meta(folder: Path | str) -> dict[str, Any]:
     """meta.json of a prompt folder, checked for the keys `load` relies on (no tensor read)."""
     path = Path(folder) / META_FILE
     meta = _read_json_object(path)
-    fv = meta.get("format_version", FORMAT_VERSION)
+    fv = meta.get("format_version", 1)  # files from before the field existed were format 1
     if not isinstance(fv, int) or isinstance(fv, bool):
         raise SoftPromptError(f"{path}: format_version {fv!r} is not an integer")
     if fv > FORMAT_VERSION:

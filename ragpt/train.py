@@ -82,8 +82,9 @@ class TrainConfig:
             raise RagptError(f"init must be one of {INIT_MODES}, got {self.init!r}")
         if self.gold_context not in GOLD_CONTEXT_MODES:
             raise RagptError(f"gold_context must be one of {GOLD_CONTEXT_MODES}, got {self.gold_context!r}")
-        if self.n_tokens < 1 or self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.depth < 1:
-            raise RagptError("n_tokens, depth, steps, batch_size and grad_accum must be >= 1")
+        for name in ("n_tokens", "depth", "steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise RagptError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise RagptError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
 
@@ -333,6 +334,19 @@ def _group_loss_sum(model, prompt_module, rows: list[TrainExample], autocast) ->
     return loss, len(targets)
 
 
+def check_deep_support(model, depth: int) -> None:
+    """Refuse, before any work, a deep prompt the model cannot train or serve."""
+    try:
+        n_layers = len(decoder_layers(model))
+    except RagptError as e:
+        raise RagptError(f"--depth {depth}: {e}") from e
+    if depth > n_layers:
+        raise RagptError(f"--depth {depth} exceeds the model's {n_layers} decoder layers")
+    if not Generator.model_supports_prefix_cache(model):
+        raise RagptError(f"--depth {depth}: deep prompts are served through a plain KV cache, which "
+                         f"{type(model).__name__} does not keep (sliding-window or hybrid layers)")
+
+
 def evaluate(generator: Generator, examples: list[TrainExample], prompt: torch.Tensor | None,
              max_new_tokens: int, batch: int = 8) -> dict:
     """Token-F1 / EM of greedy answers generated exactly as served (same prompt ids)."""
@@ -412,6 +426,8 @@ def train_prompt(
     _check_no_leak(train_qas, dev_qas)
     if not train_qas:
         raise RagptError("no training examples left after the dev split")
+    if cfg.depth > 1:
+        check_deep_support(model, cfg.depth)
     train = build_examples(train_qas, retriever, tokenizer, cfg, progress and main)
     dev = build_examples(dev_qas, retriever, tokenizer, cfg, progress and main) if dev_qas else []
     lengths = [len(e.ids) for e in train]
@@ -425,9 +441,6 @@ def train_prompt(
     compute_model = inference_model(model, bool(cfg.bf16))
     generator = Generator(compute_model, tokenizer)  # for dev evaluation
 
-    n_layers = len(decoder_layers(model))
-    if cfg.depth > n_layers:
-        raise RagptError(f"depth {cfg.depth} exceeds the model's {n_layers} layers")
     init = init_prompt(model, tokenizer, cfg)
     if cfg.depth > 1:  # starts as exactly the plain prompt's function (see deep_from_shallow)
         init = deep_from_shallow(model, init, cfg.depth)
@@ -458,6 +471,8 @@ def train_prompt(
             )
         with torch.no_grad():
             module.prompt.copy_(tensors["prompt"])
+            if "scale" in tensors:  # the per-layer scale of the run, not a recomputation of it
+                module.scale.copy_(tensors["scale"])
         best_prompt = tensors["best_prompt"].clone()
         opt.state[module.prompt] = {
             "step": tensors["adam_step"].clone(), "exp_avg": tensors["exp_avg"].clone(),
@@ -543,7 +558,7 @@ def train_prompt(
                 {"step": step + 1, "config": config_fp, "data_sha256": examples_sha256(train_qas),
                  "loss_curve": loss_curve, "evals": evals, "best": best, "bad_evals": bad_evals,
                  "baseline": baseline and {k: v for k, v in baseline.items() if k != "predictions"}},
-                {"prompt": module.prompt.detach(), "best_prompt": best_prompt,
+                {"prompt": module.prompt.detach(), "scale": module.scale, "best_prompt": best_prompt,
                  "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"],
                  "adam_step": torch.as_tensor(st["step"], dtype=torch.float32).reshape(()),
                  "step": torch.tensor(step + 1)},

@@ -17,7 +17,14 @@ from ragpt.index import DocumentIndex
 from ragpt.models import load_embedder, load_generator_model
 from ragpt.qa import QAExample, examples_sha256, load_qa
 from ragpt.retrieval import Retriever
-from ragpt.train import TrainConfig, TrainResult, dist_info, init_distributed_from_env, train_prompt
+from ragpt.train import (
+    TrainConfig,
+    TrainResult,
+    check_deep_support,
+    dist_info,
+    init_distributed_from_env,
+    train_prompt,
+)
 
 
 def default_checkpoint_dir(settings: Settings, department: str, run_key: dict) -> Path:
@@ -75,6 +82,7 @@ def run_training(
     from ragpt.registry import PromptRegistry
     from ragpt.softprompt import SoftPrompt, base_model_fingerprint
 
+    cfg.check()  # bad settings fail before any model, index or data is loaded
     init_distributed_from_env()
     rank, world = dist_info()
     qas: list[QAExample] = load_qa(data)
@@ -90,6 +98,8 @@ def run_training(
     embedder = load_embedder(settings)
     retriever = Retriever(doc_index, embedder, dense=settings.dense, bm25=settings.bm25, rrf_k=settings.rrf_k)
     model, tok = load_generator_model(settings)
+    if cfg.depth > 1:
+        check_deep_support(model, cfg.depth)  # before retrieving for every example
     cfg.bf16 = resolve_bf16(settings.bf16) if cfg.bf16 is None else cfg.bf16
     run_key = {"config": cfg.fingerprint(), "data": examples_sha256(qas),
                "dev_data": examples_sha256(dev_qas) if dev_qas else None, "index": doc_index.manifest_sha256()}

@@ -162,3 +162,20 @@ def test_ingest_then_ask_json_and_retrieve(tmp_path):
     assert gone.exit_code == 0, gone.output
     info = json.loads(_run("--index-dir", str(idx), "index", "info", "t").output)
     assert len(info["documents"]) == 2
+
+
+def test_train_refuses_a_depth_below_one_naming_it(tmp_path):
+    (tmp_path / "qa.jsonl").write_text('{"question": "q?", "answers": ["a"]}\n')
+    res = _run("--index-dir", str(tmp_path / "idx"), "train", "-d", "hr", "--data", str(tmp_path / "qa.jsonl"),
+               "--depth", "0")
+    assert res.exit_code == 2
+    assert "Invalid value for '--depth'" in res.output and "greater than or equal to 1" in res.output
+    assert not (tmp_path / "idx").exists()
+
+
+def test_train_settings_are_checked_before_anything_is_loaded(tmp_path):
+    """A bad setting that typer cannot see (grad_accum vs batch size) fails before the index opens."""
+    (tmp_path / "qa.jsonl").write_text('{"question": "q?", "answers": ["a"]}\n')
+    res = _run("--index-dir", str(tmp_path / "idx"), "train", "-d", "hr", "--data", str(tmp_path / "qa.jsonl"),
+               "-i", "nosuch", "--batch-size", "8", "--grad-accum", "3")
+    assert res.exit_code == 2 and "grad_accum" in res.output and "nosuch" not in res.output

@@ -105,6 +105,8 @@ def test_hooks_act_only_in_the_thread_that_entered_the_block(model, tiny_tokeniz
 
     def hold_the_block():
         with deep_prompt_inputs(model, deep):
+            with torch.no_grad():
+                seen["inside"] = model(inputs_embeds=x).logits
             entered.set()
             release.wait(10)
 
@@ -116,6 +118,7 @@ def test_hooks_act_only_in_the_thread_that_entered_the_block(model, tiny_tokeniz
     release.set()
     t.join()
     torch.testing.assert_close(seen["other thread"], plain, rtol=0, atol=0)
+    assert (seen["inside"] - plain).abs().max() > 1e-2  # the block itself did replace the inputs
 
 
 def test_generator_with_a_deep_prompt_equals_cache_free_decoding(model, tiny_tokenizer):
@@ -124,10 +127,14 @@ def test_generator_with_a_deep_prompt_equals_cache_free_decoding(model, tiny_tok
     rows = [_ids(tiny_tokenizer, "how many vacation days do I get"), _ids(tiny_tokenizer, "VPN")]
     eos = tiny_tokenizer.eos_token_id
     # Mixed batch: a deep prompt, a plain prompt and no prompt, rows of different lengths.
-    out = gen.generate(rows + [rows[0]], [deep, _shallow(gen.hidden_size, 5), None], max_new_tokens=6)
-    for i, ids in enumerate(rows[:1]):
-        assert out[i].token_ids == _reference_greedy(model, deep, ids, 6, eos)
+    plain = _shallow(gen.hidden_size, 5)
+    out = gen.generate(rows + [rows[0]], [deep, plain, None], max_new_tokens=6)
+    assert out[0].token_ids == _reference_greedy(model, deep, rows[0], 6, eos)
     assert out[0].prompt_tokens == len(rows[0]) + N
+    # The other rows are unaffected by sharing a batch with a deep prompt.
+    assert out[1].token_ids == gen.generate([rows[1]], [plain], max_new_tokens=6)[0].token_ids
+    assert out[1].token_ids == _reference_greedy(model, plain[None], rows[1], 6, eos)
+    assert out[2].token_ids == gen.generate([rows[0]], max_new_tokens=6)[0].token_ids
     alone = gen.generate([rows[1]], [deep], max_new_tokens=6)[0]
     assert alone.token_ids == _reference_greedy(model, deep, rows[1], 6, eos)
     # The same deep prompt from the prefix KV cache, under a key: the same tokens; the second call hits.
@@ -193,10 +200,18 @@ def test_training_loss_equals_the_serving_forward_and_gradients_reach_every_slic
 
 
 def test_per_layer_scale_makes_one_lr_a_relative_step_per_layer(model):
+    """Layer inputs differ in scale by orders of magnitude; one AdamW step must move every
+    slice by the same amount relative to its own scale (and a plain prompt is untouched)."""
     deep = deep_from_shallow(model, _shallow(model.config.hidden_size), LAYERS)
-    module = PromptModule(deep)
     rms = deep.pow(2).mean(-1).sqrt().median(-1).values
-    torch.testing.assert_close(module.scale, rms / rms[0])
+    assert rms.max() / rms.min() > 10  # the situation the scale is for
+    module = PromptModule(deep)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=0.0)
+    module.prompt.grad = torch.randn(deep.shape, generator=torch.Generator().manual_seed(0))
+    before = module.effective().detach().clone()
+    opt.step()
+    relative = (module.effective().detach() - before).pow(2).mean((-1, -2)).sqrt() / rms
+    torch.testing.assert_close(relative, relative[0].expand(LAYERS), rtol=1e-3, atol=0)
     plain = PromptModule(deep[0])
     assert torch.equal(plain.prompt.detach(), deep[0]) and torch.equal(plain.effective(), plain.prompt)
 
@@ -231,3 +246,12 @@ def test_real_generator_deep_prompt_and_its_peft_prefix_export(real_generator, t
         theirs = peft_model(input_ids=torch.tensor([ids])).logits[0, -1]
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-3)
     assert (ours - _last_logits(model, deep, ids)).abs().max() > 1e-2  # the deeper slices mattered
+
+
+def test_deep_support_is_checked_before_training(model):
+    from ragpt.errors import RagptError
+    from ragpt.train import check_deep_support
+
+    check_deep_support(model, LAYERS)
+    with pytest.raises(RagptError, match=f"--depth {LAYERS + 1} exceeds the model's {LAYERS} decoder layers"):
+        check_deep_support(model, LAYERS + 1)

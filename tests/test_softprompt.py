@@ -399,16 +399,32 @@ def test_deep_prompt_is_not_exported_to_peft_prompt_tuning(tmp_path, tiny_llama,
 
 
 def test_loaded_deep_prompt_drives_the_generator(tmp_path, tiny_llama, fingerprint):
-    from ragpt.deep_prompt import deep_from_shallow
+    from ragpt.deep_prompt import deep_from_shallow, deep_prompt_inputs
 
     tok = build_word_tokenizer()
     gen = Generator(tiny_llama, tok)
     plain = make_prompt(fingerprint)
-    deep = SoftPrompt.create(deep_from_shallow(tiny_llama, plain.tensor, 2), department="hr",
-                             base_fingerprint=fingerprint)
-    deep.save(tmp_path / "d")
-    loaded = SoftPrompt.load(tmp_path / "d", base_fingerprint=fingerprint, hidden_size=gen.hidden_size)
+    tensor = deep_from_shallow(tiny_llama, plain.tensor, 2)
+    tensor[1] = tensor[1].flip(0)  # layer 1 sees the prompt positions' inputs in reverse order
+    SoftPrompt.create(tensor, department="hr", base_fingerprint=fingerprint).save(tmp_path / "d")
+    loaded = SoftPrompt.load(tmp_path / "d", base_fingerprint=fingerprint, hidden_size=gen.hidden_size,
+                             max_depth=2)
     row = tok("w5 w17 w42 w8", add_special_tokens=False)["input_ids"]
-    # Deepened from the plain prompt, it answers as the plain prompt does.
-    assert gen.generate([row], [loaded.tensor], max_new_tokens=8)[0].token_ids == \
-        _greedy_reference(tiny_llama, plain.tensor, row, 8)
+    with deep_prompt_inputs(tiny_llama, tensor):  # the reference decodes with the layer inputs replaced
+        expected = _greedy_reference(tiny_llama, tensor[0], row, 8)
+    got = gen.generate([row], [loaded.tensor], max_new_tokens=8)[0].token_ids
+    assert got == expected
+    assert got != gen.generate([row], [plain.tensor], max_new_tokens=8)[0].token_ids  # slice 1 mattered
+
+
+def test_deep_prompt_deeper_than_the_model_is_refused_on_load(tmp_path, fingerprint):
+    make_deep(fingerprint, depth=3).save(tmp_path / "d")
+    refused(tmp_path / "d", "depth 3, but the model has 2 layers", max_depth=2)
+
+
+def test_meta_without_format_version_is_read_as_format_1(tmp_path, fingerprint):
+    make_deep(fingerprint).save(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    del meta["format_version"]
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    refused(tmp_path / "d", "needs format_version 2", file="meta.json")

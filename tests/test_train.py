@@ -170,6 +170,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_tokenizer, retr
         train_prompt(model, tiny_tokenizer, retriever, _hr_examples(), cfg, checkpoint_dir=tmp_path / "b",
                      progress=False, log=lambda m: None, on_step=kill_at_3)
     assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 3
+    # The per-layer scale is part of the checkpoint: a resumed run uses the run's own, not a recomputation.
+    assert load_file(str(tmp_path / "b" / "state.safetensors"))["scale"].shape == (depth,)
     resumed = train_prompt(model, tiny_tokenizer, retriever, _hr_examples(), cfg, checkpoint_dir=tmp_path / "b",
                            progress=False, log=lambda m: None)
     assert torch.equal(resumed.prompt, full.prompt)

@@ -1,11 +1,14 @@
 """Prompt-tuning throughput: ragpt's trainer step vs PEFT PromptTuningConfig + a plain loop.
 
+With --depth N > 1: ragpt's deep prompt (N layers) vs PEFT PrefixTuningConfig (P-tuning v2,
+every layer's keys and values) + the same loop; results in train_throughput_deep.{json,md}.
+
 Same model (the embedded SmolLM2-135M-Instruct), same examples (sample-corpus questions with
 retrieved context, built by ragpt's template), same batch, same sequence lengths, same dtype.
 Each method runs in its own child process (so peak RSS is its own), alternating
 ours/peft/ours/peft, and the medians are reported. Results: benchmarks/results/train_throughput.{json,md}.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--batch-size 8] [--dtype bf16|fp32]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--batch-size 8] [--dtype bf16|fp32] [--depth 30]
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def build_rows(n: int, k: int, max_context_tokens: int):
     return rows[:n]
 
 
-def run_method(method: str, rows, steps: int, batch_size: int, dtype: str, n_tokens: int, queue) -> None:
+def run_method(method: str, rows, steps: int, batch_size: int, dtype: str, n_tokens: int, depth: int,
+               queue) -> None:
     import torch
 
     from ragpt.config import load_settings
@@ -64,17 +68,21 @@ def run_method(method: str, rows, steps: int, batch_size: int, dtype: str, n_tok
     batches = [rows[(i * batch_size) % len(rows):][:batch_size] for i in range(steps + 1)]
     batches = [b if len(b) == batch_size else rows[:batch_size] for b in batches]
 
-    if method in ("ragpt", "ragpt_autocast"):
+    if method in ("ragpt", "ragpt_autocast", "ragpt_deep"):
         import contextlib
 
+        from ragpt.deep_prompt import deep_from_shallow
         from ragpt.models import inference_model
         from ragpt.qa import QAExample
         from ragpt.train import PromptModule, TrainExample, answer_loss_sum
 
-        if method == "ragpt" and dtype == "bf16":  # what train_prompt does: a frozen bf16 copy of the weights
+        init = model.get_input_embeddings().weight[:n_tokens].detach().clone()
+        if method == "ragpt_deep":
+            init = deep_from_shallow(model, init, depth)
+        if method != "ragpt_autocast" and dtype == "bf16":  # what train_prompt does: a frozen bf16 weight copy
             model = inference_model(model, True)
             autocast = None
-        module = PromptModule(model.get_input_embeddings().weight[:n_tokens].detach().clone())
+        module = PromptModule(init)
         opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
         qa = QAExample("q", ["a"])
         ctx = autocast or contextlib.nullcontext
@@ -88,10 +96,10 @@ def run_method(method: str, rows, steps: int, batch_size: int, dtype: str, n_tok
     else:
         import contextlib
 
-        from peft import PromptTuningConfig, TaskType, get_peft_model
+        from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
-        peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
-                                                              num_virtual_tokens=n_tokens))
+        config_cls = PrefixTuningConfig if method == "peft_prefix" else PromptTuningConfig
+        peft_model = get_peft_model(model, config_cls(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n_tokens))
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
         ctx = autocast or contextlib.nullcontext
 
@@ -131,6 +139,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--max-context-tokens", type=int, default=768)
+    ap.add_argument("--depth", type=int, default=1, help="> 1: deep prompts vs PEFT prefix tuning")
     args = ap.parse_args()
 
     rows = build_rows(60, args.k, args.max_context_tokens)
@@ -138,12 +147,16 @@ def main() -> None:
     # ragpt_autocast: our loss on the fp32 weights under autocast, to separate what the answer-only
     # LM head + causal-only attention buy from what the bf16 weight copy buys.
     methods = ("ragpt", "peft", "ragpt_autocast") if args.dtype == "bf16" else ("ragpt", "peft")
+    if args.depth > 1:
+        methods = ("ragpt_deep", "peft_prefix")
+    ours, theirs = methods[:2]
+    name = "train_throughput" if args.depth == 1 else "train_throughput_deep"
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for _ in range(args.repeats):
         for method in methods:
             q = ctx.Queue()
             p = ctx.Process(target=run_method, args=(method, rows, args.steps, args.batch_size, args.dtype,
-                                                     args.n_tokens, q))
+                                                     args.n_tokens, args.depth, q))
             p.start()
             res = q.get()
             p.join()
@@ -151,7 +164,7 @@ def main() -> None:
             print(json.dumps(res), flush=True)
     summary = {m: {k: round(statistics.median(r[k] for r in rs), 3)
                    for k in ("seconds_per_step", "tokens_per_second", "peak_rss_mb")} for m, rs in runs.items()}
-    speedup = summary["ragpt"]["tokens_per_second"] / summary["peft"]["tokens_per_second"]
+    speedup = summary[ours]["tokens_per_second"] / summary[theirs]["tokens_per_second"]
     mean_len = statistics.mean(len(ids) for ids, _ in rows)
     mean_answer = statistics.mean(len(ids) - s for ids, s in rows)
     out = {
@@ -161,24 +174,28 @@ def main() -> None:
         "median": summary, "speedup_tokens_per_second": round(speedup, 2), "runs": runs,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(out, indent=2) + "\n")
-    md = [f"# Prompt-tuning throughput ({args.dtype}, batch {args.batch_size}, {args.steps} steps, "
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    kind = "Deep-prompt" if args.depth > 1 else "Prompt"
+    md = [f"# {kind}-tuning throughput ({args.dtype}, batch {args.batch_size}, {args.steps} steps, "
           f"mean {mean_len:.0f} tokens/row, {mean_answer:.1f} answer tokens)", "",
           "| method | tokens/s | s/step | peak RSS (MB) |", "|---|---|---|---|"]
     for m, s in summary.items():
         md.append(f"| {m} | {s['tokens_per_second']:.0f} | {s['seconds_per_step']:.2f} | {s['peak_rss_mb']:.0f} |")
-    if args.dtype == "bf16":
+    if args.depth > 1:
+        md += ["", f"ragpt deep prompt ({args.depth} layers, trainer path) / PEFT prefix tuning "
+                   f"({args.dtype}) tokens/s: **{speedup:.2f}x**"]
+    elif args.dtype == "bf16":
         md += ["", f"ragpt (trainer path: bf16 weight copy, fp32 prompt) / PEFT (bf16 autocast, fp32 prompt) "
                    f"tokens/s: **{speedup:.2f}x**"]
         sp2 = summary["ragpt_autocast"]["tokens_per_second"] / summary["peft"]["tokens_per_second"]
         out["speedup_autocast_tokens_per_second"] = round(sp2, 2)
-        (RESULTS / "train_throughput.json").write_text(json.dumps(out, indent=2) + "\n")
+        (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
         md += [f"ragpt's loss under the same autocast as PEFT / PEFT: **{sp2:.2f}x**"]
     else:
         md += ["", f"ragpt / PEFT tokens/s (both fp32): **{speedup:.2f}x**"]
     md += ["",
            "Command: `.venv/bin/python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]) + "`"]
-    (RESULTS / "train_throughput.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -15,19 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from department_table import DOC2DIAL, format_ci, predictions_f1  # benchmarks/ is the script's folder
-
-from ragpt.metrics import bootstrap_ci, paired_difference_ci
+from department_table import paired_agencies, three_way_row  # benchmarks/ is the script's folder
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def compare(none: list[float], plain: list[float], deep: list[float]) -> dict:
-    return {"n": len(none), "none": bootstrap_ci(none).to_dict(), "plain": bootstrap_ci(plain).to_dict(),
-            "deep": bootstrap_ci(deep).to_dict(),
-            "plain - none": paired_difference_ci(plain, none).to_dict(),
-            "deep - none": paired_difference_ci(deep, none).to_dict(),
-            "deep - plain": paired_difference_ci(deep, plain).to_dict()}
 
 
 def train_minutes(folder: Path) -> float | None:
@@ -46,26 +36,12 @@ def main() -> None:
     if context is None:
         raise SystemExit(f"mode must be never or always, not {mode!r}")
     name = f"deep{depth}_{mode}"
-    rows, minutes, pooled, missing = {}, {}, {"none": [], "plain": [], "deep": []}, []
-    for d in DOC2DIAL:
-        deep_file = RESULTS / name / d / context / "predictions.jsonl"
-        plain_file = RESULTS / f"gold_context_{mode}" / d / context / "predictions.jsonl"
-        if not (deep_file.is_file() and plain_file.is_file()):
-            missing.append(d)
-            continue
-        plain, deep = predictions_f1(plain_file), predictions_f1(deep_file)
-        if plain["none"] != deep["none"]:  # same questions, contexts and model: the baseline must agree
-            raise SystemExit(f"{d}: the two evaluations' no-prompt answers differ; not comparable")
-        qids = sorted(plain["none"])
-        cols = {"none": [plain["none"][q] for q in qids], "plain": [plain["soft"][q] for q in qids],
-                "deep": [deep["soft"][q] for q in qids]}
-        rows[d] = compare(**cols)
-        minutes[d] = (train_minutes(RESULTS / f"gold_context_{mode}" / d), train_minutes(RESULTS / name / d))
-        for k, v in cols.items():
-            pooled[k] += v
+    rows, missing = paired_agencies(lambda d: RESULTS / f"gold_context_{mode}" / d, lambda d: RESULTS / name / d,
+                                    context, "plain", "deep")
     if not rows:
         raise SystemExit(f"no results under {RESULTS / name}")
-    rows["pooled"] = compare(**pooled)
+    minutes = {d: (train_minutes(RESULTS / f"gold_context_{mode}" / d), train_minutes(RESULTS / name / d))
+               for d in rows if d != "pooled"}
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "train_minutes": minutes}, indent=2) + "\n")
     md = [f"# Deep (depth {depth}) vs plain soft prompts, trained with `--gold-context {mode}`, "
           f"test F1 with {context} context", "",
@@ -74,9 +50,7 @@ def main() -> None:
           "|---|---|---|---|---|---|---|---|---|"]
     for d, r in rows.items():
         mins = " / ".join("?" if m is None else f"{m:.1f}" for m in minutes.get(d, ())) or ""
-        md.append(f"| {d} | {r['n']} | {format_ci(r['none'])} | {format_ci(r['plain'])} | {format_ci(r['deep'])} | "
-                  f"{format_ci(r['plain - none'], True)} | {format_ci(r['deep - none'], True)} | "
-                  f"{format_ci(r['deep - plain'], True)} | {mins} |")
+        md.append(f"{three_way_row(d, r, 'plain', 'deep')} {mins} |")
     if missing:
         md += ["", f"Not run (so not in the pooled row): {', '.join(missing)}."]
     md += ["", f"Commands: `MODE={mode} benchmarks/gold_context_ablation.sh` (plain), "

@@ -42,6 +42,48 @@ def predictions_f1(path: Path) -> dict[str, dict[str, float]]:
     return by
 
 
+def three_way(none: list[float], a: list[float], b: list[float], a_name: str, b_name: str) -> dict:
+    """Per-question F1 of no prompt and two prompts `a`, `b`: CIs of each and paired differences."""
+    from ragpt.metrics import bootstrap_ci, paired_difference_ci
+
+    return {"n": len(none), "none": bootstrap_ci(none).to_dict(), a_name: bootstrap_ci(a).to_dict(),
+            b_name: bootstrap_ci(b).to_dict(),
+            f"{a_name} - none": paired_difference_ci(a, none).to_dict(),
+            f"{b_name} - none": paired_difference_ci(b, none).to_dict(),
+            f"{b_name} - {a_name}": paired_difference_ci(b, a).to_dict()}
+
+
+def paired_agencies(a_folder, b_folder, context: str, a_name: str, b_name: str) -> tuple[dict, list[str]]:
+    """`three_way` per doc2dial agency and pooled, pairing the soft-prompt answers of two evaluations
+    (`a_folder(agency)`, `b_folder(agency)` hold <context>/predictions.jsonl) by question.
+    Returns (rows, agencies not run)."""
+    rows, pooled, missing = {}, {"none": [], "a": [], "b": []}, []
+    for d in DOC2DIAL:
+        a_file, b_file = (f(d) / context / "predictions.jsonl" for f in (a_folder, b_folder))
+        if not (a_file.is_file() and b_file.is_file()):
+            missing.append(d)
+            continue
+        a, b = predictions_f1(a_file), predictions_f1(b_file)
+        if a["none"] != b["none"]:  # same questions, contexts and model: the baseline must agree
+            raise SystemExit(f"{d}: the two evaluations' no-prompt answers differ; not comparable")
+        qids = sorted(a["none"])
+        cols = {"none": [a["none"][q] for q in qids], "a": [a["soft"][q] for q in qids],
+                "b": [b["soft"][q] for q in qids]}
+        rows[d] = three_way(cols["none"], cols["a"], cols["b"], a_name, b_name)
+        for k, v in cols.items():
+            pooled[k] += v
+    if rows:
+        rows["pooled"] = three_way(pooled["none"], pooled["a"], pooled["b"], a_name, b_name)
+    return rows, missing
+
+
+def three_way_row(name: str, r: dict, a_name: str, b_name: str) -> str:
+    """| name | n | none | a | b | a - none | b - none | b - a | (a markdown row, open at the end)"""
+    return (f"| {name} | {r['n']} | {format_ci(r['none'])} | {format_ci(r[a_name])} | {format_ci(r[b_name])} | "
+            f"{format_ci(r[f'{a_name} - none'], True)} | {format_ci(r[f'{b_name} - none'], True)} | "
+            f"{format_ci(r[f'{b_name} - {a_name}'], True)} |")
+
+
 def _diff(entry: dict | None) -> str:
     """Paired difference to no prompt on the same questions; * when its interval excludes 0."""
     if entry is None or "vs_none" not in entry:

@@ -35,6 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ragpt.atomic import atomic_write_bytes, atomic_write_json
+from ragpt.deep_prompt import prompt_depth
 from ragpt.errors import SoftPromptError
 
 FORMAT = "ragpt.softprompt"
@@ -61,15 +62,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def _depth(t: torch.Tensor) -> int:
-    return 1 if t.dim() == 2 else int(t.shape[0])
-
-
 def _shape_fields(t: torch.Tensor) -> dict[str, Any]:
     """meta.json's description of a tensor: plain prompts keep format 1's fields exactly."""
     fields: dict[str, Any] = {"format_version": 1, "n_tokens": int(t.shape[-2]), "hidden_size": int(t.shape[-1])}
-    if _depth(t) > 1:
-        fields.update(format_version=2, depth=_depth(t))
+    if prompt_depth(t) > 1:
+        fields.update(format_version=2, depth=prompt_depth(t))
     return fields
 
 
@@ -125,7 +122,7 @@ class SoftPrompt:
     @property
     def depth(self) -> int:
         """1 for a plain prompt; the number of decoder layers a deep prompt sets."""
-        return _depth(self.tensor)
+        return prompt_depth(self.tensor)
 
     @property
     def base_fingerprint(self) -> str:

@@ -44,7 +44,7 @@ def predictions_f1(path: Path) -> dict[str, dict[str, float]]:
 
 def three_way(none: list[float], a: list[float], b: list[float], a_name: str, b_name: str) -> dict:
     """Per-question F1 of no prompt and two prompts `a`, `b`: CIs of each and paired differences."""
-    from ragpt.metrics import bootstrap_ci, paired_difference_ci
+    from ragpt.evaluation.metrics import bootstrap_ci, paired_difference_ci
 
     return {"n": len(none), "none": bootstrap_ci(none).to_dict(), a_name: bootstrap_ci(a).to_dict(),
             b_name: bootstrap_ci(b).to_dict(),
@@ -137,7 +137,7 @@ def pooled(out: Path, rows: dict) -> dict:
     "all prompts": every agency with its evaluated prompt; "as served": an agency whose prompt is
     not active answers without one (what the registry serves now).
     """
-    from ragpt.metrics import bootstrap_ci, paired_difference_ci
+    from ragpt.evaluation.metrics import bootstrap_ci, paired_difference_ci
 
     res = {}
     for context in ("retrieved", "gold"):

@@ -26,14 +26,15 @@ MODES = {"dense": (True, False), "bm25": (False, True), "hybrid": (True, True)}
 
 def main() -> None:
     from ragpt.config import load_settings
-    from ragpt.datasets import import_policyqa
-    from ragpt.index import DocumentIndex
-    from ragpt.ingest import ingest
-    from ragpt.metrics import answer_in_text
-    from ragpt.models import load_embedder
-    from ragpt.qa import load_qa
-    from ragpt.retrieval import Retriever
-    from ragpt.sample import SAMPLE_DEPARTMENTS, department_dir, sample_questions, source_matches
+    from ragpt.data.datasets import import_policyqa
+    from ragpt.data.documents import source_matches
+    from ragpt.data.ingest import ingest
+    from ragpt.data.qa import load_qa
+    from ragpt.data.sample import SAMPLE_DEPARTMENTS, department_dir, sample_questions
+    from ragpt.evaluation.metrics import answer_in_text
+    from ragpt.lm.models import load_embedder
+    from ragpt.retrieval.index import DocumentIndex
+    from ragpt.retrieval.search import Retriever
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=1000, help="PolicyQA test questions (random sample, seed 0)")

@@ -32,12 +32,12 @@ def main() -> None:
     import torch
 
     from ragpt.config import load_settings
-    from ragpt.generator import Generator
-    from ragpt.index import DocumentIndex
-    from ragpt.ingest import ingest
-    from ragpt.models import load_embedder, load_generator_model
-    from ragpt.pipeline import Pipeline, Question
-    from ragpt.sample import SAMPLE_DEPARTMENTS, department_dir, sample_questions
+    from ragpt.data.ingest import ingest
+    from ragpt.data.sample import SAMPLE_DEPARTMENTS, department_dir, sample_questions
+    from ragpt.lm.generator import Generator
+    from ragpt.lm.models import load_embedder, load_generator_model
+    from ragpt.retrieval.index import DocumentIndex
+    from ragpt.serving.pipeline import Pipeline, Question
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=12)

@@ -36,13 +36,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `services` is imported from the repository when not installed
 
+from ragpt_service.auth import hash_api_key  # noqa: E402
+
 from ragpt.config import load_settings  # noqa: E402
-from ragpt.ingest import ingest  # noqa: E402
-from ragpt.models import load_embedder, load_generator_model  # noqa: E402
-from ragpt.registry import PromptRegistry  # noqa: E402
-from ragpt.sample import SAMPLE_DEPARTMENTS, SAMPLE_DIR, department_dir, sample_questions  # noqa: E402
-from ragpt.softprompt import SoftPrompt, base_model_fingerprint  # noqa: E402
-from services.auth import hash_api_key  # noqa: E402
+from ragpt.data.ingest import ingest  # noqa: E402
+from ragpt.data.sample import SAMPLE_DEPARTMENTS, SAMPLE_DIR, department_dir, sample_questions  # noqa: E402
+from ragpt.lm.models import load_embedder, load_generator_model  # noqa: E402
+from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint  # noqa: E402
+from ragpt.softprompts.registry import PromptRegistry  # noqa: E402
 
 DEPARTMENTS = [*SAMPLE_DEPARTMENTS, "legal"]
 LEGAL_SHARED = ["hr/code-of-conduct-summary.md", "it/email-retention-policy.html",
@@ -105,7 +106,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SERVE = ("from ragpt.cli import app; from ragpt.cli_serve import serve\n"
+SERVE = ("from ragpt.cli.main import app; from ragpt.cli.serve import serve\n"
          "if not any(c.callback is serve for c in app.registered_commands): app.command()(serve)\n"
          "app()")
 
@@ -329,7 +330,7 @@ def main() -> None:
 
         results["speedup_at_16_clients"] = {"cross_vs_one_at_a_time": ratio("cross_department", "one_at_a_time"),
                                             "cross_vs_per_department": ratio("cross_department", "per_department")}
-        from ragpt.generator import resolve_bf16
+        from ragpt.lm.generator import resolve_bf16
 
         s = load_settings()
         results["config"] = {

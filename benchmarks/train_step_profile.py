@@ -38,9 +38,9 @@ def _best(fn, repeats: int = 3) -> float:
 
 
 def step_variants() -> dict[str, float]:
-    from ragpt.causal_attention import chunked_causal_attention
     from ragpt.config import load_settings
-    from ragpt.models import inference_model, load_generator_model
+    from ragpt.lm.models import inference_model, load_generator_model
+    from ragpt.training.causal_attention import chunked_causal_attention
 
     torch.manual_seed(0)
     model, _ = load_generator_model(load_settings())
@@ -82,7 +82,7 @@ def step_variants() -> dict[str, float]:
 
 
 def attention_variants() -> dict[str, float]:
-    from ragpt.causal_attention import chunked_causal
+    from ragpt.training.causal_attention import chunked_causal
 
     B, H, KV, L, D = 8, 9, 3, 520, 64
     causal = torch.ones(L, L, dtype=torch.bool).tril()

@@ -31,19 +31,19 @@ RESULTS = Path(__file__).parent / "results"
 def build_rows(n: int, k: int, max_context_tokens: int):
     """(ids, answer_start) for n sample questions, contexts from the real retriever."""
     from ragpt.config import load_settings
-    from ragpt.ingest import ingest
-    from ragpt.models import load_embedder, load_generator_model
-    from ragpt.qa import QAExample
-    from ragpt.retrieval import Retriever
-    from ragpt.sample import SAMPLE_DEPARTMENTS, department_dir, sample_questions
-    from ragpt.train import TrainConfig, build_examples
+    from ragpt.data.ingest import ingest
+    from ragpt.data.qa import QAExample
+    from ragpt.data.sample import SAMPLE_DEPARTMENTS, department_dir, sample_questions
+    from ragpt.lm.models import load_embedder, load_generator_model
+    from ragpt.retrieval.search import Retriever
+    from ragpt.training.trainer import TrainConfig, build_examples
 
     tmp = Path(tempfile.mkdtemp(prefix="ragpt-bench-"))
     settings = load_settings(index_dir=tmp)
     emb = load_embedder(settings)
     for d in SAMPLE_DEPARTMENTS:
         ingest(tmp, "bench", [department_dir(d)], [d], emb, progress=False)
-    from ragpt.index import DocumentIndex
+    from ragpt.retrieval.index import DocumentIndex
 
     retriever = Retriever(DocumentIndex.open(tmp, "bench"), emb)
     _, tok = load_generator_model(settings)
@@ -60,7 +60,7 @@ def run_method(method: str, rows, steps: int, batch_size: int, dtype: str, n_tok
     import torch
 
     from ragpt.config import load_settings
-    from ragpt.models import load_generator_model
+    from ragpt.lm.models import load_generator_model
 
     torch.manual_seed(0)
     model, tok = load_generator_model(load_settings())
@@ -71,10 +71,10 @@ def run_method(method: str, rows, steps: int, batch_size: int, dtype: str, n_tok
     if method in ("ragpt", "ragpt_autocast", "ragpt_deep"):
         import contextlib
 
-        from ragpt.deep_prompt import deep_from_shallow
-        from ragpt.models import inference_model
-        from ragpt.qa import QAExample
-        from ragpt.train import PromptModule, TrainExample, answer_loss_sum
+        from ragpt.data.qa import QAExample
+        from ragpt.lm.models import inference_model
+        from ragpt.softprompts.deep import deep_from_shallow
+        from ragpt.training.trainer import PromptModule, TrainExample, answer_loss_sum
 
         init = model.get_input_embeddings().weight[:n_tokens].detach().clone()
         if method == "ragpt_deep":

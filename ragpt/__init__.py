@@ -1,8 +1,27 @@
-"""ragpt: retrieval-augmented generation with department-specific soft prompts."""
+"""ragpt: retrieval-augmented generation with department-specific soft prompts.
+
+`import ragpt` stays light (no torch, no faiss): the names below load their modules on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from ragpt.config import Settings, load_settings
 from ragpt.errors import RagptError
-from ragpt.pipeline import Answer, Citation, Pipeline, Question
+
+if TYPE_CHECKING:
+    from ragpt.serving.pipeline import Answer, Citation, Pipeline, Question
+
+_LAZY = {name: "ragpt.serving.pipeline" for name in ("Answer", "Citation", "Pipeline", "Question")}
 
 __all__ = ["Answer", "Citation", "Pipeline", "Question", "RagptError", "Settings", "load_settings"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ragpt' has no attribute {name!r}")

@@ -8,7 +8,7 @@ Routes
     GET  /readyz                       models loaded, batcher running (503 until then)
 Both chat routes stream OpenAI-format SSE chunks with `"stream": true`, ending with `data: [DONE]`.
 
-    from services.app import create_app
+    from ragpt_service.app import create_app
     app = create_app(load_service_config("serve.toml"), load_settings())
 """
 
@@ -26,17 +26,11 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-
-from ragpt.batching import Ticket
-from ragpt.config import Settings
-from ragpt.generator import Generator
-from ragpt.models import Embedder
-from ragpt.pipeline import Answer
-from services.config import ServiceConfig
-from services.errors import ApiError, from_ragpt_error, install_error_handlers
-from services.limits import BodySizeLimit
-from services.runtime import ServiceRuntime
-from services.schemas import (
+from ragpt_service.config import ServiceConfig
+from ragpt_service.errors import ApiError, from_ragpt_error, install_error_handlers
+from ragpt_service.limits import BodySizeLimit
+from ragpt_service.runtime import ServiceRuntime
+from ragpt_service.schemas import (
     ChatCompletionRequest,
     ChatMessage,
     DepartmentChatRequest,
@@ -44,6 +38,12 @@ from services.schemas import (
     citations_json,
     question_and_history,
 )
+
+from ragpt.config import Settings
+from ragpt.lm.generator import Generator
+from ragpt.lm.models import Embedder
+from ragpt.serving.pipeline import Answer
+from ragpt.serving.scheduler import Ticket
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 To add a key, hash it and put the digest under the department in the service config:
 
-    python -c "from services.auth import hash_api_key; print(hash_api_key('the-secret-key'))"
+    python -c "from ragpt_service.auth import hash_api_key; print(hash_api_key('the-secret-key'))"
 
     [departments.hr]
     api_keys = ["<that digest>"]
@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 
-from services.errors import ApiError
+from ragpt_service.errors import ApiError
 
 
 def hash_api_key(key: str) -> str:

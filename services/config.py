@@ -26,7 +26,7 @@ Example (`serve.toml`; relative paths are relative to this file):
     max_tokens = 512
     request_timeout_s = 60
 
-API keys are stored only as sha256 hex digests: `services.auth.hash_api_key("the key")`.
+API keys are stored only as sha256 hex digests: `ragpt_service.auth.hash_api_key("the key")`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ragpt.errors import ConfigError
-from ragpt.index import NAME_RE
+from ragpt.names import NAME_RE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,7 +67,7 @@ class DepartmentConfig(_Strict):
             k = k.strip().lower()
             if not SHA256_HEX.match(k):
                 raise ValueError("api_keys must be sha256 hex digests (64 hex characters), never plain keys; "
-                                 "compute them with services.auth.hash_api_key")
+                                 "compute them with ragpt_service.auth.hash_api_key")
             out.append(k)
         return out
 

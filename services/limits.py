@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ragpt_service.errors import ApiError
 from starlette.exceptions import HTTPException
-
-from services.errors import ApiError
 
 
 class BodySizeLimit:

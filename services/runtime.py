@@ -1,6 +1,6 @@
 """The service's resources, loaded once: models, one pipeline per index, the router, the batcher, the keys.
 
-Everything HTTP-free lives here, so the routes in `services.app` stay thin: which department
+Everything HTTP-free lives here, so the routes in `ragpt_service.app` stay thin: which department
 and prompt version a `model` string names, `auto` routing, submission with backpressure.
 """
 
@@ -10,18 +10,19 @@ import asyncio
 import logging
 import time
 
-from ragpt.batching import BatcherStopped, ChatJob, MicroBatcher, Overloaded, Ticket
+from ragpt_service.auth import KeyRing
+from ragpt_service.config import ServiceConfig
+from ragpt_service.errors import ApiError
+
 from ragpt.config import Settings
-from ragpt.generator import Generator, resolve_bf16
-from ragpt.index import DocumentIndex
-from ragpt.models import Embedder, load_embedder, load_generator_model
-from ragpt.pipeline import Pipeline
-from ragpt.registry import UnknownPromptDepartmentError
-from ragpt.router import DepartmentRouter, chunk_vectors
-from ragpt.template import Turn
-from services.auth import KeyRing
-from services.config import ServiceConfig
-from services.errors import ApiError
+from ragpt.lm.generator import Generator, resolve_bf16
+from ragpt.lm.models import Embedder, load_embedder, load_generator_model
+from ragpt.lm.template import Turn
+from ragpt.retrieval.index import DocumentIndex
+from ragpt.retrieval.router import DepartmentRouter, chunk_vectors
+from ragpt.serving.pipeline import Pipeline
+from ragpt.serving.scheduler import BatcherStopped, ChatJob, MicroBatcher, Overloaded, Ticket
+from ragpt.softprompts.registry import UnknownPromptDepartmentError
 
 log = logging.getLogger("ragpt.service")
 

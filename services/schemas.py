@@ -1,7 +1,7 @@
 """Request and response bodies, and the one rule that turns chat messages into a question + history.
 
 Messages: the last message must be the user's question; earlier user/assistant turns become
-the conversation history (ragpt.template.Turn). System and developer messages are accepted
+the conversation history (ragpt.lm.template.Turn). System and developer messages are accepted
 and ignored: the department's system prompt is part of the template that its soft prompt
 was trained with (train as you serve), so a client cannot replace it.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from ragpt_service.config import LimitsConfig
+from ragpt_service.errors import ApiError
 
-from ragpt.pipeline import Answer
-from ragpt.template import Turn
-from services.config import LimitsConfig
-from services.errors import ApiError
+from ragpt.lm.template import Turn
+from ragpt.serving.pipeline import Answer
 
 
 class ContentPart(BaseModel):

@@ -127,7 +127,7 @@ def real_settings(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_embedder(real_settings):
-    from ragpt.models import load_embedder
+    from ragpt.lm.models import load_embedder
 
     return load_embedder(real_settings)
 
@@ -135,7 +135,7 @@ def real_embedder(real_settings):
 @pytest.fixture(scope="session")
 def real_generator(real_settings):
     """(model, tokenizer) of the embedded generator; converted from GGUF once if not cached."""
-    from ragpt.models import load_generator_model
+    from ragpt.lm.models import load_generator_model
 
     return load_generator_model(real_settings)
 
@@ -143,8 +143,8 @@ def real_generator(real_settings):
 @pytest.fixture(scope="session")
 def sample_index(real_settings, real_embedder):
     """The shipped sample corpus, one ingest per department, in the session index dir."""
-    from ragpt.ingest import ingest
-    from ragpt.sample import SAMPLE_DEPARTMENTS, department_dir
+    from ragpt.data.ingest import ingest
+    from ragpt.data.sample import SAMPLE_DEPARTMENTS, department_dir
 
     name = "sample"
     for dept in SAMPLE_DEPARTMENTS:

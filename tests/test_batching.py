@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from ragpt.batching import BatcherStopped, ChatJob, MicroBatcher, Overloaded, TextStream
-from ragpt.generator import Generator, PrefixCache
-from ragpt.index import DocumentIndex
-from ragpt.pipeline import Pipeline
-from ragpt.registry import PromptRegistry, UnknownVersionError
-from ragpt.softprompt import SoftPrompt, base_model_fingerprint
-from ragpt.template import Turn
+from ragpt.lm.generator import Generator, PrefixCache
+from ragpt.lm.template import Turn
+from ragpt.retrieval.index import DocumentIndex
+from ragpt.serving.pipeline import Pipeline
+from ragpt.serving.scheduler import BatcherStopped, ChatJob, MicroBatcher, Overloaded, TextStream
+from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
+from ragpt.softprompts.registry import PromptRegistry, UnknownVersionError
 
 MAX_NEW = 10
 
@@ -141,8 +141,8 @@ def test_text_stream_pieces_concatenate_to_the_stripped_decoded_text(tiny_tokeni
 
 @pytest.mark.integration
 def test_real_generator_mixed_departments_with_prefix_cache_equal_each_request_alone(real_generator):
-    from ragpt.sample import sample_questions
-    from ragpt.template import build_prompt_ids
+    from ragpt.data.sample import sample_questions
+    from ragpt.lm.template import build_prompt_ids
 
     model, tok = real_generator
     gen = Generator(model, tok, bf16=False)

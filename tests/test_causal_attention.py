@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ragpt import causal_attention
-from ragpt.causal_attention import IMPLEMENTATION, attention_forward, chunked_causal, chunked_causal_attention
+from ragpt.training import causal_attention
+from ragpt.training.causal_attention import IMPLEMENTATION, attention_forward, chunked_causal, chunked_causal_attention
 
 
 def _qkv(B, H, KV, L, D, dtype=torch.float32, seed=0):
@@ -158,9 +158,9 @@ def test_context_switches_the_model_and_restores_it_even_on_error(tiny_model):
 
 def test_trainer_loss_and_prompt_gradient_equal_the_sdpa_path(tiny_model, tiny_tokenizer, monkeypatch, kernel_calls):
     """answer_loss_sum over several query chunks gives what the model computes with SDPA."""
-    import ragpt.train as train
-    from ragpt.qa import QAExample
-    from ragpt.train import PromptModule, TrainExample, answer_loss_sum
+    import ragpt.training.trainer as train
+    from ragpt.data.qa import QAExample
+    from ragpt.training.trainer import PromptModule, TrainExample, answer_loss_sum
 
     tok = tiny_tokenizer
     rows = []
@@ -198,8 +198,8 @@ def test_under_autocast_with_mixed_input_dtypes(tiny_model, tiny_tokenizer):
     ref = _sdpa(*(t.detach() for t in (q, k, v)))
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
     # And a whole trainer loss under autocast on the fp32 model, as the throughput benchmark runs it.
-    from ragpt.qa import QAExample
-    from ragpt.train import PromptModule, TrainExample, answer_loss_sum
+    from ragpt.data.qa import QAExample
+    from ragpt.training.trainer import PromptModule, TrainExample, answer_loss_sum
 
     ids = tiny_tokenizer("vacation days and the VPN " * 20, add_special_tokens=False)["input_ids"]
     row = TrainExample(ids, len(ids) - 3, QAExample("q", ["a"]), ids[:-3], True)

@@ -1,4 +1,4 @@
-"""The `ragpt` command line (typer's CliRunner on ragpt.cli.app)."""
+"""The `ragpt` command line (typer's CliRunner on ragpt.cli.main.app)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from conftest import write
 from typer.testing import CliRunner
 
-from ragpt.cli import app
+from ragpt.cli.main import app
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import write
 
-from ragpt.datasets import (
+from ragpt.data.datasets import (
     SplitLeakError,
     check_disjoint_documents,
     import_doc2dial,
@@ -19,8 +19,8 @@ from ragpt.datasets import (
     question_key,
     render_table,
 )
+from ragpt.data.qa import QAExample, load_qa
 from ragpt.errors import RagptError
-from ragpt.qa import QAExample, load_qa
 
 # ---------------------------------------------------------------------------- fixtures
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from ragpt.deep_prompt import deep_from_shallow, deep_prompt_inputs, prompt_depth, prompt_tokens
+from ragpt.data.qa import QAExample
 from ragpt.errors import SoftPromptError
-from ragpt.generator import Generator
-from ragpt.qa import QAExample
-from ragpt.train import PromptModule, TrainExample, answer_loss_sum
+from ragpt.lm.generator import Generator
+from ragpt.softprompts.deep import deep_from_shallow, deep_prompt_inputs, prompt_depth, prompt_tokens
+from ragpt.training.trainer import PromptModule, TrainExample, answer_loss_sum
 
 LAYERS = 3
 N = 4
@@ -223,10 +223,10 @@ def test_real_generator_deep_prompt_and_its_peft_prefix_export(real_generator, t
     next-token logits in peft as ragpt's prefix path."""
     from peft import PeftModel
 
-    from ragpt.peft_prefix import export_peft_prefix
-    from ragpt.softprompt import SoftPrompt, base_model_fingerprint
-    from ragpt.template import build_prompt_ids
-    from ragpt.train import TrainConfig, init_prompt
+    from ragpt.lm.template import build_prompt_ids
+    from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
+    from ragpt.softprompts.peft_prefix import export_peft_prefix
+    from ragpt.training.trainer import TrainConfig, init_prompt
 
     model, tok = real_generator
     gen = Generator(model, tok)  # float32: the comparison is exact up to float summation order
@@ -250,7 +250,7 @@ def test_real_generator_deep_prompt_and_its_peft_prefix_export(real_generator, t
 
 def test_deep_support_is_checked_before_training(model):
     from ragpt.errors import RagptError
-    from ragpt.train import check_deep_support
+    from ragpt.training.trainer import check_deep_support
 
     check_deep_support(model, LAYERS)
     with pytest.raises(RagptError, match=f"--depth {LAYERS + 1} exceeds the model's {LAYERS} decoder layers"):

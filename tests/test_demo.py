@@ -9,10 +9,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_ingests_the_sample_corpus_and_answers_with_cited_sources(tmp_path, tiny_tokenizer):
+    from ragpt.cli.demo import run_demo
     from ragpt.config import Settings
-    from ragpt.demo import run_demo
-    from ragpt.index import DocumentIndex
-    from ragpt.sample import SAMPLE_DEPARTMENTS
+    from ragpt.data.sample import SAMPLE_DEPARTMENTS
+    from ragpt.retrieval.index import DocumentIndex
 
     gen_dir = tmp_path / "tiny-generator"
     build_tiny_model(tiny_tokenizer).save_pretrained(gen_dir)
@@ -25,7 +25,7 @@ def test_demo_ingests_the_sample_corpus_and_answers_with_cited_sources(tmp_path,
     assert stats["questions"] == 2 * len(SAMPLE_DEPARTMENTS)
     assert stats["source_in_top_k"] >= stats["questions"] - 1
     assert sum(line.startswith("\nQ: ") for line in lines) == stats["questions"]
-    assert any("ragpt/sample_corpus/hr/" in line and "#chunk" in line for line in lines)
+    assert any("ragpt/data/sample_corpus/hr/" in line and "#chunk" in line for line in lines)
     assert stats["shipped"] == {} and any("no department prompts" in line for line in lines)
     index = DocumentIndex.open(settings.index_dir, "demo")
     assert index.departments == sorted(SAMPLE_DEPARTMENTS)
@@ -43,11 +43,11 @@ def test_demo_serves_departments_with_shipped_prompts(tmp_path, tiny_tokenizer):
     import torch
     from test_datasets import make_doc2dial
 
+    from ragpt.cli.demo import SHIPPED_INDEX, run_demo
     from ragpt.config import Settings
-    from ragpt.demo import SHIPPED_INDEX, run_demo
-    from ragpt.index import DocumentIndex
-    from ragpt.registry import PromptRegistry
-    from ragpt.softprompt import SoftPrompt, base_model_fingerprint
+    from ragpt.retrieval.index import DocumentIndex
+    from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
+    from ragpt.softprompts.registry import PromptRegistry
 
     gen_dir = tmp_path / "tiny-generator"
     model = build_tiny_model(tiny_tokenizer)
@@ -56,7 +56,7 @@ def test_demo_serves_departments_with_shipped_prompts(tmp_path, tiny_tokenizer):
     settings = Settings(index_dir=tmp_path / "indexes", generator=str(gen_dir), max_new_tokens=4, bf16="off",
                         prompt_dir=tmp_path / "prompts", data_dir=make_doc2dial(tmp_path / "data"),
                         cache_dir=tmp_path / "cache")
-    from ragpt.models import load_generator_model
+    from ragpt.lm.models import load_generator_model
 
     fp = base_model_fingerprint(load_generator_model(settings)[0])
     reg = PromptRegistry(settings.prompt_dir)

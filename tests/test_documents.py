@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from conftest import write
 
-from ragpt.documents import (
+from ragpt.data.documents import (
     Chunker,
     display_path,
     expand_paths,
     read_document,
 )
+from ragpt.data.sample import SAMPLE_DIR, sample_questions
 from ragpt.errors import DocumentError
-from ragpt.sample import SAMPLE_DIR, sample_questions
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def embedder_tokenizer():
     """The embedded embedder's own tokenizer (just the tokenizer: cheap, no model weights)."""
     from transformers import AutoTokenizer
 
-    from ragpt.models import embedded_embedder_dir
+    from ragpt.lm.models import embedded_embedder_dir
 
     return AutoTokenizer.from_pretrained(str(embedded_embedder_dir()))
 

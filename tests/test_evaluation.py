@@ -13,8 +13,10 @@ from conftest import build_tiny_model
 from test_datasets import make_doc2dial
 from typer.testing import CliRunner
 
-from ragpt.datasets import TRAINING_QUESTIONS_META_KEY, question_hashes, reproduces_training_hash
-from ragpt.evaluation import (
+from ragpt.data.datasets import TRAINING_QUESTIONS_META_KEY, question_hashes, reproduces_training_hash
+from ragpt.data.qa import QAExample
+from ragpt.data.sample import sample_questions as sample_corpus_questions
+from ragpt.evaluation.runner import (
     EvalConfig,
     Method,
     TestSetLeakError,
@@ -27,13 +29,11 @@ from ragpt.evaluation import (
     run_evaluation,
     sample_questions,
 )
-from ragpt.generator import Generator
-from ragpt.qa import QAExample
-from ragpt.sample import sample_questions as sample_corpus_questions
-from ragpt.train import TrainConfig, TrainExample, train_prompt
+from ragpt.lm.generator import Generator
+from ragpt.training.trainer import TrainConfig, TrainExample, train_prompt
 
 runner = CliRunner()
-VOLATILE = {"created", "latency_ms", "timing"}  # machine-dependent by design (see ragpt.report)
+VOLATILE = {"created", "latency_ms", "timing"}  # machine-dependent by design (see ragpt.evaluation.report)
 
 
 def _sample_qas(dept: str) -> list[QAExample]:
@@ -99,7 +99,7 @@ def test_group_by_department_and_seeded_sampling():
 
 
 def test_lora_trains_a_private_copy_and_leaves_the_base_untouched(tiny_model, tiny_tokenizer, tmp_path):
-    from ragpt.lora import LoraSettings, train_lora
+    from ragpt.training.lora import LoraSettings, train_lora
 
     rows = []
     for i in range(4):
@@ -127,8 +127,8 @@ def test_lora_trains_a_private_copy_and_leaves_the_base_untouched(tiny_model, ti
 
 @pytest.fixture(scope="module")
 def retriever(sample_index, real_embedder):
-    from ragpt.index import DocumentIndex
-    from ragpt.retrieval import Retriever
+    from ragpt.retrieval.index import DocumentIndex
+    from ragpt.retrieval.search import Retriever
 
     settings, name = sample_index
     return Retriever(DocumentIndex.open(settings.index_dir, name), real_embedder)
@@ -149,8 +149,8 @@ def test_training_hash_is_reproduced_exactly_as_train_prompt_makes_it(tiny_token
 
 
 def _registry_with_prompt(tmp_path, model, extra: dict | None = None):
-    from ragpt.registry import PromptRegistry
-    from ragpt.softprompt import SoftPrompt, base_model_fingerprint
+    from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
+    from ragpt.softprompts.registry import PromptRegistry
 
     registry = PromptRegistry(tmp_path / "prompts")
     prompt = SoftPrompt.create(torch.randn(3, model.config.hidden_size), department="hr",
@@ -233,12 +233,12 @@ def test_input_mismatch_names_what_differs_from_training():
 
 
 def _eval_app():
-    """ragpt's CLI with this module's commands registered as ragpt.cli registers them."""
+    """ragpt's CLI with this module's commands registered as ragpt.cli.main registers them."""
     import typer
 
-    from ragpt.cli import app as ragpt_app
-    from ragpt.cli import main
-    from ragpt.cli_eval import eval_cmd, import_data
+    from ragpt.cli.eval import eval_cmd, import_data
+    from ragpt.cli.main import app as ragpt_app
+    from ragpt.cli.main import main
 
     app = typer.Typer(pretty_exceptions_enable=False)
     app.callback()(main)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ragpt.errors import SoftPromptError
-from ragpt.generator import Generator
+from ragpt.lm.generator import Generator
 
 MAX_NEW = 12
 
@@ -244,11 +244,11 @@ def test_rows_stop_at_their_end_token_and_the_batch_matches_hf(tiny_model, tiny_
 @pytest.fixture(scope="module")
 def real_prompts(sample_index, real_embedder, real_generator):
     """Prompt ids of three sample questions (different departments), built as serving builds them."""
-    from ragpt.index import DocumentIndex
-    from ragpt.pipeline import passages_from_hits
-    from ragpt.retrieval import Retriever
-    from ragpt.sample import SAMPLE_DEPARTMENTS, sample_questions
-    from ragpt.template import build_prompt_ids
+    from ragpt.data.sample import SAMPLE_DEPARTMENTS, sample_questions
+    from ragpt.lm.template import build_prompt_ids
+    from ragpt.retrieval.index import DocumentIndex
+    from ragpt.retrieval.search import Retriever
+    from ragpt.serving.pipeline import passages_from_hits
 
     settings, name = sample_index
     retriever = Retriever(DocumentIndex.open(settings.index_dir, name), real_embedder)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import write
 
+from ragpt.data.ingest import delete_documents, ingest
 from ragpt.errors import (
     DocumentError,
     EmbedderMismatchError,
@@ -21,9 +22,8 @@ from ragpt.errors import (
     RagptError,
     UnknownDepartmentError,
 )
-from ragpt.index import DocumentIndex
-from ragpt.ingest import delete_documents, ingest
-from ragpt.retrieval import Retriever
+from ragpt.retrieval.index import DocumentIndex
+from ragpt.retrieval.search import Retriever
 
 pytestmark = pytest.mark.integration
 

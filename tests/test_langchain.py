@@ -21,9 +21,8 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import ConfigurableField, RunnableLambda, RunnableParallel
 
+from ragpt.data.sample import SAMPLE_DEPARTMENTS, sample_questions
 from ragpt.errors import EmptyQuestionError, UnknownDepartmentError
-from ragpt.generator import Generator
-from ragpt.index import DocumentIndex
 from ragpt.langchain import (
     RagptChain,
     RagptRetriever,
@@ -33,12 +32,13 @@ from ragpt.langchain import (
     rag_chain,
 )
 from ragpt.langchain._core import Detokenizer
-from ragpt.pipeline import Pipeline
-from ragpt.registry import PromptRegistry
-from ragpt.router import DepartmentRouter
-from ragpt.sample import SAMPLE_DEPARTMENTS, sample_questions
-from ragpt.softprompt import SoftPrompt, base_model_fingerprint
-from ragpt.template import Turn, build_prompt_ids
+from ragpt.lm.generator import Generator
+from ragpt.lm.template import Turn, build_prompt_ids
+from ragpt.retrieval.index import DocumentIndex
+from ragpt.retrieval.router import DepartmentRouter
+from ragpt.serving.pipeline import Pipeline
+from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
+from ragpt.softprompts.registry import PromptRegistry
 
 MAX_NEW = 12
 N_SOFT = 4  # tokens of hr's soft prompt
@@ -404,12 +404,11 @@ API_KEY = "lc-test-key"
 
 @pytest.fixture(scope="module")
 def service_url(pipe, real_embedder):
-    """The real ragpt service app (services.app.create_app) on a live uvicorn, sharing pipe's models."""
+    """The real ragpt service app (ragpt_service.app.create_app) on a live uvicorn, sharing pipe's models."""
     import uvicorn
-
-    from services.app import create_app
-    from services.auth import hash_api_key
-    from services.config import ServiceConfig
+    from ragpt_service.app import create_app
+    from ragpt_service.auth import hash_api_key
+    from ragpt_service.config import ServiceConfig
 
     s = pipe.settings
     cfg = ServiceConfig(index=pipe.index.name, index_dir=s.index_dir, prompt_dir=s.prompt_dir,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ragpt.metrics import (
+from ragpt.evaluation.metrics import (
     Interval,
     best_over,
     bootstrap_ci,

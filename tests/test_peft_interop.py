@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from ragpt.errors import SoftPromptError  # noqa: E402
-from ragpt.softprompt import SoftPrompt, base_model_fingerprint, export_peft, import_peft  # noqa: E402
+from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint, export_peft, import_peft  # noqa: E402
 
 peft = pytest.importorskip("peft")
 
@@ -167,7 +167,7 @@ def test_export_refuses_a_config_of_another_width(tmp_path, tiny_llama, prompt):
 
 def _deep(model, seed: int = 4) -> torch.Tensor:
     """A deep prompt whose deeper slices differ from what its slice 0 would produce there."""
-    from ragpt.deep_prompt import deep_from_shallow
+    from ragpt.softprompts.deep import deep_from_shallow
 
     g = torch.Generator().manual_seed(seed)
     deep = deep_from_shallow(model, torch.randn(N_TOKENS, HIDDEN, generator=g), 2)
@@ -178,7 +178,7 @@ def _deep(model, seed: int = 4) -> torch.Tensor:
 @torch.no_grad()
 def ragpt_deep_logits(model, deep: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
     """Logits at the token positions, with the deep prompt's layer inputs in place."""
-    from ragpt.deep_prompt import deep_prompt_inputs
+    from ragpt.softprompts.deep import deep_prompt_inputs
 
     x = torch.cat([deep[0].expand(len(ids), -1, -1), model.get_input_embeddings()(torch.tensor(ids))], dim=1)
     with deep_prompt_inputs(model, deep):
@@ -187,7 +187,7 @@ def ragpt_deep_logits(model, deep: torch.Tensor, ids: list[list[int]]) -> torch.
 
 @pytest.mark.parametrize("kind", ["deep", "plain"])
 def test_prompt_exported_as_prefix_tuning_computes_the_same_logits_in_peft(tmp_path, tiny_llama, kind):
-    from ragpt.peft_prefix import export_peft_prefix
+    from ragpt.softprompts.peft_prefix import export_peft_prefix
 
     fp = base_model_fingerprint(tiny_llama)
     tensor = _deep(tiny_llama) if kind == "deep" else torch.randn(N_TOKENS, HIDDEN)
@@ -210,7 +210,7 @@ def test_prompt_exported_as_prefix_tuning_computes_the_same_logits_in_peft(tmp_p
 
 
 def test_prefix_export_refuses_another_base_model(tmp_path, tiny_llama):
-    from ragpt.peft_prefix import export_peft_prefix
+    from ragpt.softprompts.peft_prefix import export_peft_prefix
 
     sp = SoftPrompt.create(_deep(tiny_llama), department="legal", base_fingerprint="0" * 64)
     with pytest.raises(SoftPromptError, match="another base model"):
@@ -219,7 +219,7 @@ def test_prefix_export_refuses_another_base_model(tmp_path, tiny_llama):
 
 
 def test_prefix_tuning_adapter_is_not_imported(tmp_path, tiny_llama):
-    from ragpt.peft_prefix import export_peft_prefix
+    from ragpt.softprompts.peft_prefix import export_peft_prefix
 
     sp = SoftPrompt.create(_deep(tiny_llama), department="legal", base_fingerprint=base_model_fingerprint(tiny_llama))
     export_peft_prefix(sp, tmp_path / "a", model=tiny_llama, base_model_name_or_path=None)

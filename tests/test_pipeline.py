@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ragpt.data.sample import SAMPLE_DEPARTMENTS, sample_questions
 from ragpt.errors import EmptyQuestionError, UnknownDepartmentError
-from ragpt.generator import Generator
-from ragpt.index import DocumentIndex
-from ragpt.pipeline import Answer, Pipeline, Question, passages_from_hits
-from ragpt.sample import SAMPLE_DEPARTMENTS, sample_questions
-from ragpt.template import build_prompt_ids
+from ragpt.lm.generator import Generator
+from ragpt.lm.template import build_prompt_ids
+from ragpt.retrieval.index import DocumentIndex
+from ragpt.serving.pipeline import Answer, Pipeline, Question, passages_from_hits
 
 pytestmark = pytest.mark.integration
 

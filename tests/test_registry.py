@@ -19,14 +19,14 @@ import typer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from ragpt.errors import RagptError, SoftPromptError, UnknownDepartmentError  # noqa: E402
-from ragpt.registry import (  # noqa: E402
+from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint, import_peft  # noqa: E402
+from ragpt.softprompts.registry import (  # noqa: E402
     IllegalTransitionError,
     NoActivePromptError,
     PromptRegistry,
     UnknownPromptDepartmentError,
     UnknownVersionError,
 )
-from ragpt.softprompt import SoftPrompt, base_model_fingerprint, import_peft  # noqa: E402
 
 HIDDEN = 64
 FP = "0123456789abcdef" * 4  # a stand-in base-model fingerprint for tests that run no model
@@ -343,8 +343,8 @@ def generator_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def cli(tmp_path, generator_dir):
-    """Invoke `prompts ...` on a root app that sets ctx.obj the way ragpt.cli.main does."""
-    from ragpt.cli_prompts import prompts_app
+    """Invoke `prompts ...` on a root app that sets ctx.obj the way ragpt.cli.main.main does."""
+    from ragpt.cli.prompts import prompts_app
 
     root = typer.Typer()
 
@@ -406,7 +406,7 @@ def test_cli_review_activate_rollback(cli, tmp_path):
 
 def test_cli_export_and_import_peft(cli, tmp_path, generator_dir):
     from ragpt.config import Settings
-    from ragpt.models import load_generator_model
+    from ragpt.lm.models import load_generator_model
 
     reg = PromptRegistry(tmp_path / "prompts")
     reg.register(make_prompt(0), actor="trainer")
@@ -437,8 +437,8 @@ def test_cli_export_and_import_peft(cli, tmp_path, generator_dir):
 def test_cli_exports_a_deep_prompt_as_prefix_tuning(cli, tmp_path, generator_dir):
     """`prompts export` picks prefix tuning for a deep prompt (auto) and checks its base model."""
     from ragpt.config import Settings
-    from ragpt.deep_prompt import deep_from_shallow
-    from ragpt.models import load_generator_model
+    from ragpt.lm.models import load_generator_model
+    from ragpt.softprompts.deep import deep_from_shallow
 
     model, _ = load_generator_model(Settings(generator=str(generator_dir), cache_dir=tmp_path / "cache"))
     fp = base_model_fingerprint(model)

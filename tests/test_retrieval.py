@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from conftest import write
 
+from ragpt.data.documents import source_matches
+from ragpt.data.ingest import ingest
+from ragpt.data.sample import SAMPLE_DEPARTMENTS, sample_questions
 from ragpt.errors import RagptError
-from ragpt.index import DocumentIndex
-from ragpt.ingest import ingest
-from ragpt.retrieval import Retriever
-from ragpt.sample import SAMPLE_DEPARTMENTS, sample_questions, source_matches
+from ragpt.retrieval.index import DocumentIndex
+from ragpt.retrieval.search import Retriever
 
 pytestmark = pytest.mark.integration
 

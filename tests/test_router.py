@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ragpt.data.sample import SAMPLE_DEPARTMENTS, sample_questions
 from ragpt.errors import EmptyQuestionError, UnknownDepartmentError
-from ragpt.index import DocumentIndex
-from ragpt.router import DepartmentRouter, chunk_vectors, routing_accuracy
-from ragpt.sample import SAMPLE_DEPARTMENTS, sample_questions
+from ragpt.retrieval.index import DocumentIndex
+from ragpt.retrieval.router import DepartmentRouter, chunk_vectors, routing_accuracy
 
 pytestmark = pytest.mark.integration
 

@@ -23,16 +23,16 @@ import pytest
 import torch
 from conftest import build_tiny_model
 from fastapi.testclient import TestClient
+from ragpt_service.app import create_app
+from ragpt_service.auth import hash_api_key
+from ragpt_service.config import ServiceConfig, load_service_config
 
-from ragpt.generator import Generator
-from ragpt.index import DocumentIndex
-from ragpt.pipeline import Pipeline
-from ragpt.registry import PromptRegistry
-from ragpt.softprompt import SoftPrompt, base_model_fingerprint
-from ragpt.template import Turn
-from services.app import create_app
-from services.auth import hash_api_key
-from services.config import ServiceConfig, load_service_config
+from ragpt.lm.generator import Generator
+from ragpt.lm.template import Turn
+from ragpt.retrieval.index import DocumentIndex
+from ragpt.serving.pipeline import Pipeline
+from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
+from ragpt.softprompts.registry import PromptRegistry
 
 pytestmark = pytest.mark.integration  # real embedder and sample index
 
@@ -513,8 +513,8 @@ def test_ragpt_serve_starts_the_service_from_a_config_file(settings, gen, tmp_pa
     )
     assert load_service_config(config).prompt_dir == tmp_path / "prompts"
     port = _free_port()
-    # Registers the command the way ragpt.cli mounts it (unless it already is).
-    script = ("from ragpt.cli import app; from ragpt.cli_serve import serve\n"
+    # Registers the command the way ragpt.cli.main mounts it (unless it already is).
+    script = ("from ragpt.cli.main import app; from ragpt.cli.serve import serve\n"
               "if not any(c.callback is serve for c in app.registered_commands): app.command()(serve)\n"
               "app()")
     proc = subprocess.Popen(

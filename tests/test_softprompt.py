@@ -14,9 +14,9 @@ import torch  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
 
 from ragpt.errors import SoftPromptError  # noqa: E402
-from ragpt.generator import Generator  # noqa: E402
-from ragpt.models import model_fingerprint  # noqa: E402
-from ragpt.softprompt import SoftPrompt, base_model_fingerprint  # noqa: E402
+from ragpt.lm.generator import Generator  # noqa: E402
+from ragpt.lm.models import model_fingerprint  # noqa: E402
+from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint  # noqa: E402
 
 HIDDEN = 64
 N_TOKENS = 4
@@ -390,7 +390,7 @@ def test_deep_prompt_claiming_format_1_is_refused(tmp_path, fingerprint):
 
 
 def test_deep_prompt_is_not_exported_to_peft_prompt_tuning(tmp_path, tiny_llama, fingerprint):
-    from ragpt.softprompt import export_peft
+    from ragpt.softprompts.artifact import export_peft
 
     with pytest.raises(SoftPromptError, match="deep soft prompt"):
         export_peft(make_deep(fingerprint), tmp_path / "x", base_model_name_or_path=None,
@@ -399,7 +399,7 @@ def test_deep_prompt_is_not_exported_to_peft_prompt_tuning(tmp_path, tiny_llama,
 
 
 def test_loaded_deep_prompt_drives_the_generator(tmp_path, tiny_llama, fingerprint):
-    from ragpt.deep_prompt import deep_from_shallow, deep_prompt_inputs
+    from ragpt.softprompts.deep import deep_from_shallow, deep_prompt_inputs
 
     tok = build_word_tokenizer()
     gen = Generator(tiny_llama, tok)

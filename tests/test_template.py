@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ragpt.errors import EmptyQuestionError
-from ragpt.template import (
+from ragpt.lm.template import (
     ContextPassage,
     Turn,
     build_prompt_ids,

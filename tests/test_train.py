@@ -13,10 +13,10 @@ import torch
 from conftest import build_tiny_model
 from safetensors.torch import load_file
 
+from ragpt.data.qa import QAExample
+from ragpt.data.sample import sample_questions
 from ragpt.errors import RagptError
-from ragpt.qa import QAExample
-from ragpt.sample import sample_questions
-from ragpt.train import (
+from ragpt.training.trainer import (
     PromptModule,
     TrainConfig,
     TrainExample,
@@ -42,8 +42,8 @@ def _cfg(**kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def retriever(sample_index, real_embedder):
-    from ragpt.index import DocumentIndex
-    from ragpt.retrieval import Retriever
+    from ragpt.retrieval.index import DocumentIndex
+    from ragpt.retrieval.search import Retriever
 
     settings, name = sample_index
     return Retriever(DocumentIndex.open(settings.index_dir, name), real_embedder)
@@ -80,7 +80,7 @@ def test_answer_only_loss_equals_full_vocab_loss_with_masked_labels(tiny_model, 
 
 
 def test_length_groups_partition_rows_and_cut_padding():
-    from ragpt.train import length_groups
+    from ragpt.training.trainer import length_groups
 
     lengths = [500, 120, 510, 130, 505, 125, 498, 700]
     groups = length_groups(lengths, overhead=256)
@@ -95,7 +95,7 @@ def test_length_groups_partition_rows_and_cut_padding():
 
 
 def test_grouped_loss_equals_one_padded_batch(tiny_model, tiny_tokenizer, monkeypatch):
-    import ragpt.train as train
+    import ragpt.training.trainer as train
 
     rows = _rows(tiny_tokenizer)
     assert len({len(r.ids) for r in rows}) > 1
@@ -202,7 +202,7 @@ def test_gold_context_is_injected_only_when_retrieval_misses(tiny_tokenizer, ret
 
 def _tiny_generator_and_data(tokenizer, tmp_path: Path) -> tuple[Path, Path]:
     """A tiny generator saved as a model folder (what `generator=` points to) and the hr QA file."""
-    from ragpt.qa import save_jsonl
+    from ragpt.data.qa import save_jsonl
 
     model_dir = tmp_path / "tiny-generator"
     build_tiny_model(tokenizer).save_pretrained(model_dir)
@@ -220,7 +220,7 @@ def test_two_processes_under_torchrun_match_one_process(tiny_tokenizer, sample_i
     Deep: the prompt's deeper slices enter through layer hooks, outside DDP's forward call; DDP
     still all-reduces the whole parameter's gradient."""
     from ragpt.config import Settings
-    from ragpt.train_job import run_training
+    from ragpt.training.job import run_training
 
     settings, index = sample_index
     model_dir, data = _tiny_generator_and_data(tiny_tokenizer, tmp_path)
@@ -263,7 +263,7 @@ def test_two_processes_under_torchrun_match_one_process(tiny_tokenizer, sample_i
 def test_default_checkpoints_resume_the_same_run_and_keep_other_runs_apart(tiny_tokenizer, sample_index, tmp_path):
     """Re-running a command resumes it; a run with another lr no longer trips over the last one's checkpoint."""
     from ragpt.config import Settings
-    from ragpt.train_job import run_training
+    from ragpt.training.job import run_training
 
     settings, index = sample_index
     model_dir, data = _tiny_generator_and_data(tiny_tokenizer, tmp_path)

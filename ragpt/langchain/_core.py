@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 import torch
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 
-from ragpt.deep_prompt import prompt_tokens
 from ragpt.errors import EmptyQuestionError
-from ragpt.pipeline import Citation, Pipeline, passages_from_hits
-from ragpt.retrieval import RetrievedChunk
-from ragpt.router import DepartmentRouter
-from ragpt.template import Turn, build_prompt_ids
+from ragpt.lm.template import Turn, build_prompt_ids
+from ragpt.retrieval.router import DepartmentRouter
+from ragpt.retrieval.search import RetrievedChunk
+from ragpt.serving.pipeline import Citation, Pipeline, passages_from_hits
+from ragpt.softprompts.deep import prompt_tokens
 
 T = TypeVar("T")
 AUTO = "auto"
@@ -65,7 +65,7 @@ _routers_lock = threading.Lock()
 
 
 def route(pipeline: Pipeline, questions: Sequence[str]) -> list[str]:
-    """Departments for `auto` questions, by ragpt.router over the pipeline's index (one embedder batch).
+    """Departments for `auto` questions, by ragpt.retrieval.router over the pipeline's index (one embedder batch).
 
     The router reads every chunk vector back from FAISS, so it is built once per index state
     (`_version` is the key the index's own caches use) and shared by all runnables of that index.

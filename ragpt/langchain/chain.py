@@ -3,7 +3,7 @@
 The department is chosen per call, first match wins:
     1. the input dict's "department" key,
     2. `config["configurable"]["department"]` (e.g. `chain.with_config(configurable={"department": "hr"})`),
-    3. the chain's `department` field; "auto" routes the question with ragpt.router.
+    3. the chain's `department` field; "auto" routes the question with ragpt.retrieval.router.
 `batch`/`abatch` answer all inputs, whatever their departments, in ONE `Pipeline.ask_many` call: one
 batched generation in which each row carries its own department's soft prompt.
 """
@@ -21,7 +21,7 @@ from pydantic import ConfigDict, Field
 
 from ragpt.errors import EmptyQuestionError
 from ragpt.langchain._core import AUTO, Completion, aiter_in_thread, prepare, route, stream_text
-from ragpt.pipeline import Answer, Pipeline, Question
+from ragpt.serving.pipeline import Answer, Pipeline, Question
 
 ChainInput = str | dict[str, Any]
 ChainOutput = dict[str, Any]

@@ -14,7 +14,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field
 
 from ragpt.langchain._core import Completion, Prepared, aiter_in_thread, prepare, question_and_history, stream_text
-from ragpt.pipeline import Pipeline
+from ragpt.serving.pipeline import Pipeline
 
 _GEN_KWARGS = ("max_new_tokens", "temperature", "seed")
 

@@ -11,8 +11,8 @@ from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field
 
 from ragpt.langchain._core import AUTO, route
-from ragpt.pipeline import Pipeline
-from ragpt.retrieval import RetrievedChunk
+from ragpt.retrieval.search import RetrievedChunk
+from ragpt.serving.pipeline import Pipeline
 
 
 def to_document(hit: RetrievedChunk, department: str) -> Document:

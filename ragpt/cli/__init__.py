@@ -1,0 +1,1 @@
+"""The `ragpt` command line: one module per command group."""

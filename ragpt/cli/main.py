@@ -1,0 +1,296 @@
+"""`ragpt` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ragpt.cli.common import fail as _fail
+from ragpt.cli.common import settings_from_ctx as _settings
+from ragpt.cli.eval import eval_cmd, import_data
+from ragpt.cli.prompts import prompts_app
+from ragpt.cli.serve import serve
+from ragpt.errors import RagptError
+
+app = typer.Typer(
+    help="ragpt: retrieval-augmented generation with department-specific soft prompts "
+    "over one frozen LLM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+index_app = typer.Typer(help="Inspect indexes.", no_args_is_help=True)
+models_app = typer.Typer(help="Prepare and inspect the generator and embedder.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+app.add_typer(models_app, name="models")
+app.add_typer(prompts_app, name="prompts")
+app.command()(serve)
+app.command("eval")(eval_cmd)
+app.command("import-data")(import_data)
+
+
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="TOML config file (default: ./ragpt.toml).")] = None,
+    index_dir: Annotated[Path | None, typer.Option(help="Folder holding indexes.")] = None,
+    prompt_dir: Annotated[Path | None, typer.Option(help="Soft-prompt registry folder.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Model cache folder.")] = None,
+    generator: Annotated[str | None, typer.Option(help="Generator: embedded default or HF folder/name.")] = None,
+    embedder: Annotated[str | None, typer.Option(help="Embedder: embedded default or ST folder/name.")] = None,
+    bf16: Annotated[str | None, typer.Option(help="bf16 autocast: auto, on or off.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (0: default).")] = None,
+) -> None:
+    """Settings come from defaults < config file < RAGPT_* environment < these flags."""
+    if config is not None:
+        os.environ["RAGPT_CONFIG"] = str(config)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+    ctx.obj = dict(index_dir=index_dir, prompt_dir=prompt_dir, cache_dir=cache_dir,
+                   generator=generator, embedder=embedder, bf16=bf16, threads=threads)
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (.txt .md .html .pdf).")],
+    index: Annotated[str, typer.Option("--index", "-i", help="Index name (folder under index_dir).")],
+    department: Annotated[list[str] | None, typer.Option("--department", "-d",
+        help="Department that may read these documents; repeat to share.")] = None,
+    delete: Annotated[bool, typer.Option("--delete", help="Remove the named documents instead.")] = False,
+    chunk_tokens: Annotated[int | None, typer.Option(help="Chunk size in embedder tokens.")] = None,
+    chunk_overlap: Annotated[int | None, typer.Option(help="Overlap between chunks, tokens.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Add or update documents in an index (unchanged ones are skipped), or --delete them."""
+    from ragpt.data.documents import expand_paths
+    from ragpt.data.ingest import delete_documents
+    from ragpt.data.ingest import ingest as run_ingest
+    from ragpt.lm.models import load_embedder
+
+    try:
+        s = _settings(ctx, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
+        if not delete:  # fail on bad input before the embedder loads
+            if not department:
+                raise RagptError("at least one --department is required")
+            expand_paths(paths)
+        if delete:
+            rep = delete_documents(s.index_dir, index, [str(p) for p in paths])
+            typer.echo(f"deleted {len(rep.deleted)} document(s) from {index}: {', '.join(rep.deleted)}")
+            return
+        rep = run_ingest(
+            s.index_dir, index, paths, department or [], load_embedder(s),
+            chunk_tokens=s.chunk_tokens, chunk_overlap=s.chunk_overlap,
+            batch_size=s.embed_batch_size, progress=not quiet,
+        )
+    except RagptError as e:
+        _fail(e)
+    typer.echo(
+        f"index {index}: {len(rep.added)} added, {len(rep.replaced)} replaced, "
+        f"{len(rep.unchanged)} unchanged, {len(rep.relabelled)} relabelled; "
+        f"{rep.chunks_embedded} chunks embedded in {rep.embed_seconds:.1f}s "
+        f"({rep.chunks_per_second:.0f} chunks/s); total {rep.seconds:.1f}s"
+    )
+
+
+def _print_answer(ans, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(ans.to_dict(), ensure_ascii=False))
+        return
+    typer.echo(ans.text)
+    for i, c in enumerate(ans.citations, start=1):
+        typer.echo(f"  [{i}] {c.source} #chunk {c.chunk} (score {c.score:.4f}) {c.title}")
+
+
+@app.command()
+def ask(
+    ctx: typer.Context,
+    question: Annotated[str, typer.Argument(help="The question.")],
+    department: Annotated[str, typer.Option("--department", "-d", help="Department asking.")],
+    index: Annotated[str, typer.Option("--index", "-i", help="Index name.")] = "sample",
+    k: Annotated[int | None, typer.Option("-k", help="Chunks to retrieve.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
+    no_dense: Annotated[bool, typer.Option("--no-dense", help="BM25 only.")] = False,
+    no_bm25: Annotated[bool, typer.Option("--no-bm25", help="Dense only.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer object as JSON.")] = False,
+) -> None:
+    """Retrieve the department's top-k chunks and answer with the frozen generator."""
+    from ragpt.serving.pipeline import Pipeline
+
+    try:
+        s = _settings(ctx, k=k, max_new_tokens=max_tokens, temperature=temperature,
+                      dense=False if no_dense else None, bm25=False if no_bm25 else None)
+        ans = Pipeline.open(index, settings=s).ask(question, department)
+    except RagptError as e:
+        _fail(e)
+    _print_answer(ans, as_json)
+
+
+@app.command()
+def retrieve(
+    ctx: typer.Context,
+    question: Annotated[str, typer.Argument(help="The query.")],
+    department: Annotated[str, typer.Option("--department", "-d", help="Department asking.")],
+    index: Annotated[str, typer.Option("--index", "-i", help="Index name.")] = "sample",
+    k: Annotated[int | None, typer.Option("-k", help="Chunks to retrieve.")] = None,
+    source: Annotated[str | None, typer.Option(help="Only chunks of this document.")] = None,
+    title: Annotated[str | None, typer.Option(help="Only chunks of documents with this title.")] = None,
+    no_dense: Annotated[bool, typer.Option("--no-dense", help="BM25 only.")] = False,
+    no_bm25: Annotated[bool, typer.Option("--no-bm25", help="Dense only.")] = False,
+) -> None:
+    """Show the chunks a department's question retrieves (no generation)."""
+    from ragpt.serving.pipeline import Pipeline
+
+    filters = {k_: v for k_, v in {"source": source, "title": title}.items() if v}
+    try:
+        s = _settings(ctx, k=k, dense=False if no_dense else None, bm25=False if no_bm25 else None)
+        hits = Pipeline.open(index, settings=s).retrieve(question, department, filters=filters)
+    except RagptError as e:
+        _fail(e)
+    for h in hits:
+        c = h.chunk
+        typer.echo(f"[{h.rank}] {c.source} #chunk {c.chunk} score={h.score:.4f} "
+                   f"dense={h.dense_score} bm25={h.bm25_score}")
+        typer.echo("    " + c.text[:200].replace("\n", " ") + ("..." if len(c.text) > 200 else ""))
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    index: Annotated[str, typer.Option("--index", "-i", help="Index to build the sample into.")] = "sample",
+    limit: Annotated[int | None, typer.Option(help="Questions per department (default: all).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per answer.")] = 64,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """The main job on the embedded defaults: ingest the sample corpus, answer its questions."""
+    from ragpt.cli.demo import run_demo
+
+    try:
+        run_demo(_settings(ctx, max_new_tokens=max_tokens), index=index, limit=limit, progress=not quiet)
+    except RagptError as e:
+        _fail(e)
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    department: Annotated[str, typer.Option("--department", "-d", help="Department whose prompt to train.")],
+    data: Annotated[Path, typer.Option(help="QA file: JSONL {question, answers, doc_id?, context?} or SQuAD JSON.")],
+    index: Annotated[str, typer.Option("--index", "-i", help="Index the examples retrieve from.")] = "sample",
+    dev_data: Annotated[Path | None, typer.Option(help="Dev QA file (default: split --data by document).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 120,
+    batch_size: Annotated[int, typer.Option(help="Examples per step (global).")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-2,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 10,
+    n_tokens: Annotated[int, typer.Option(help="Soft prompt length (virtual tokens).")] = 20,
+    depth: Annotated[int, typer.Option(
+        min=1,
+        help="Decoder layers whose prompt-position inputs are learned: 1 = a plain prompt, "
+             "more = a deep prompt (P-tuning v2 style; the model's layer count for all).")] = 1,
+    init: Annotated[str, typer.Option(help="Initialisation: text, vocab or random.")] = "text",
+    init_text: Annotated[str | None, typer.Option(help="Text for --init text (default: the system prompt).")] = None,
+    k: Annotated[int, typer.Option("-k", help="Retrieved chunks per example.")] = 2,
+    gold_context: Annotated[str, typer.Option(
+        help="Put the gold passage in the context: never, missed (when retrieval missed the answer), always."
+    )] = "never",
+    max_context_tokens: Annotated[int, typer.Option(help="Prompt token budget.")] = 768,
+    eval_every: Annotated[int, typer.Option(help="Dev evaluation every N steps (0: at the end).")] = 20,
+    patience: Annotated[int, typer.Option(help="Stop after N evaluations without improvement (0: never).")] = 3,
+    dev_fraction: Annotated[float, typer.Option(help="Share of --data held out as dev (by document).")] = 0.15,
+    dev_max: Annotated[int, typer.Option(help="At most this many dev questions.")] = 48,
+    seed: Annotated[int, typer.Option(help="Random seed (runs are deterministic for a seed).")] = 0,
+    checkpoint_dir: Annotated[Path | None, typer.Option(
+        help="Checkpoint folder (default: cache_dir/checkpoints/D/<hash of settings, data, index>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the checkpoint if present.")] = True,
+    register: Annotated[bool, typer.Option("--register/--no-register", help="Register the result as a draft.")] = True,
+    actor: Annotated[str | None, typer.Option(help="Author recorded in the registry.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train a department's soft prompt on QA examples whose context comes from the real retriever.
+
+    Runs data-parallel under `torchrun --nproc_per_node=N -m ragpt.cli train ...`.
+    """
+    from ragpt.training.job import run_training
+    from ragpt.training.trainer import TrainConfig
+
+    cfg = TrainConfig(
+        department=department, n_tokens=n_tokens, depth=depth, init=init, init_text=init_text, steps=steps,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, k=k,
+        gold_context=gold_context, max_context_tokens=max_context_tokens, eval_every=eval_every,
+        patience=patience, dev_fraction=dev_fraction, dev_max=dev_max, seed=seed,
+        checkpoint_every=max(1, eval_every or 20),
+    )
+    try:
+        summary = run_training(
+            _settings(ctx), index=index, data=data, cfg=cfg, dev_data=dev_data,
+            checkpoint_dir=checkpoint_dir, resume=resume, register=register, actor=actor, progress=not quiet,
+        )
+    except (RagptError, ValueError) as e:
+        _fail(e)
+    if summary.get("folder"):
+        typer.echo(json.dumps(summary, indent=2))
+
+
+@index_app.command("info")
+def index_info(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Index name.")],
+) -> None:
+    """Print an index's manifest summary: embedder, counts, departments, documents."""
+    from ragpt.retrieval.index import DocumentIndex
+
+    try:
+        idx = DocumentIndex.open(_settings(ctx).index_dir, name)
+    except RagptError as e:
+        _fail(e)
+    m = dict(idx.manifest)
+    docs = m.pop("documents")
+    typer.echo(json.dumps({**m, "documents": sorted(docs)}, indent=2))
+
+
+@index_app.command("list")
+def index_list(ctx: typer.Context) -> None:
+    """List the indexes under index_dir."""
+    try:
+        root = Path(_settings(ctx).index_dir)
+    except RagptError as e:
+        _fail(e)
+    for p in sorted(root.glob("*/CURRENT")):
+        typer.echo(p.parent.name)
+
+
+@models_app.command("prepare")
+def models_prepare(ctx: typer.Context) -> None:
+    """Load both models once (converting the embedded GGUF to safetensors if needed)."""
+    import time
+
+    from ragpt.lm.models import load_embedder, load_generator_model, resolve_generator_path
+
+    try:
+        s = _settings(ctx)
+        t = time.perf_counter()
+        model, _ = load_generator_model(s)
+        typer.echo(f"generator {s.generator}: {resolve_generator_path(s)} "
+                   f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
+                   f"{time.perf_counter() - t:.1f}s)")
+        t = time.perf_counter()
+        e = load_embedder(s)
+        typer.echo(f"embedder {e.name}: dim {e.dim}, window {e.max_tokens} ({time.perf_counter() - t:.1f}s)")
+    except RagptError as e:
+        _fail(e)
+
+
+def run() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""Offline evaluation: the runner, metrics with bootstrap intervals, reports."""

@@ -1,0 +1,616 @@
+"""Offline evaluation: methods x departments on a held-out QA set, scored so that a release
+decision can rest on it.
+
+Per department: sample (`limit`, seeded) -> `ragpt.training.trainer.build_examples` (the serving retriever
+and the serving template, so a score here is the score the endpoint would get) -> retrieval
+metrics -> for each method, greedy answers -> per-question scores -> means with seeded
+bootstrap 95% intervals, and paired differences against "none".
+
+Methods see exactly the same token ids; they differ only in what is prepended or in the weights:
+  none         the frozen model as served without a soft prompt
+  instruction  a hand-written instruction, rendered as a system turn of the model's chat format
+               and prepended as the embeddings of its tokens. That is exactly a hard text prefix
+               (same embedding rows, same positions 0..n-1, same attention), and it leaves
+               ragpt.lm.template's serving format untouched.
+  soft:<spec>  a department soft prompt from the registry ("active" or a version)
+  lora         a LoRA adapter trained here on the department's training data (upper bound)
+
+Split hygiene is checked, not assumed: a test question (normalised, with its document) that is in
+a trained method's training data stops the run (TestSetLeakError) unless explicitly allowed, in
+which case the results flag it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ragpt.data.datasets import (
+    TRAINING_QUESTIONS_META_KEY,
+    document_overlap,
+    for_department,
+    overlap_check,
+    question_key,
+    reproduces_training_hash,
+)
+from ragpt.data.documents import source_matches
+from ragpt.data.qa import QAExample, examples_sha256
+from ragpt.errors import RagptError
+from ragpt.evaluation.metrics import (
+    answer_in_text,
+    best_over,
+    bootstrap_ci,
+    exact_match,
+    first_relevant_rank,
+    groundedness,
+    paired_difference_ci,
+    percentile,
+    recall_at_k,
+    reciprocal_rank,
+    rouge_l,
+    token_f1,
+)
+from ragpt.lm.generator import Generator
+from ragpt.lm.template import ContextPassage
+from ragpt.retrieval.search import Retriever
+from ragpt.softprompts.registry import PromptRegistry
+from ragpt.training.lora import LoraSettings
+from ragpt.training.trainer import GOLD_CONTEXT_MODES, TrainConfig, TrainExample, build_examples, gold_passage
+
+METHOD_KINDS = ("none", "instruction", "soft", "lora")
+SCORES = ("em", "f1", "rouge_l", "groundedness")
+DEFAULT_INSTRUCTION = (
+    "Answer with the shortest exact phrase from the context that answers the question. "
+    "Copy it word for word and add nothing else."
+)
+RETRIEVAL_BATCH = 64  # build_examples embeds questions 64 at a time; same batches, same vectors
+
+
+class TestSetLeakError(RagptError):
+    """Test questions are in the training data of a method being evaluated."""
+
+    __test__ = False  # not a pytest test class
+
+
+@dataclass
+class EvalConfig:
+    k: int = 2  # chunks in the prompt, as served and trained
+    depth: int = 10  # ranked-list depth for the recall@k curve and MRR
+    gold_context: str = "never"
+    max_context_tokens: int = 768
+    max_new_tokens: int = 48
+    batch_size: int = 8  # rows per generate call; latency is per call (1 = per request)
+    limit: int | None = None  # questions per department: a seeded sample, file order kept
+    seed: int = 0
+    n_bootstrap: int = 1000
+
+    def check(self) -> None:
+        if self.k < 1 or self.depth < self.k:
+            raise RagptError(f"need 1 <= k <= depth (k={self.k}, depth={self.depth})")
+        if self.gold_context not in GOLD_CONTEXT_MODES:
+            raise RagptError(f"gold_context must be one of {GOLD_CONTEXT_MODES}, got {self.gold_context!r}")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.n_bootstrap < 0:
+            raise RagptError("batch_size and max_new_tokens must be >= 1, n_bootstrap >= 0")
+        if self.limit is not None and self.limit < 1:
+            raise RagptError("limit must be >= 1")
+
+    def train_config(self, department: str) -> TrainConfig:
+        return TrainConfig(department=department, k=self.k, gold_context=self.gold_context,
+                           max_context_tokens=self.max_context_tokens)
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str
+    generator: Generator | None  # None for lora until it is trained
+    soft_prompt: torch.Tensor | None = None
+    trainable_parameters: int = 0
+    bytes: int = 0  # what a department has to store and ship for this method
+    details: dict = field(default_factory=dict)
+    loss_curve: list[dict] | None = None
+    # Question keys of the data the method was trained or selected on; None: not known.
+    training_keys: set[str] | None = None
+    training_verified: bool = False  # keys provably those of the method's training data
+    training_source: str = ""
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "trainable_parameters": self.trainable_parameters, "bytes": self.bytes,
+                "details": self.details}
+
+
+@dataclass
+class Prepared:
+    """One test question with everything that does not depend on the method."""
+
+    qa: QAExample
+    example: TrainExample
+    context: str  # the passages the model saw, for groundedness
+    doc_in_index: bool  # the gold document is readable by the department (doc metrics defined)
+    doc_rank: int | None  # rank of the first chunk of the gold document within `depth`
+    span_rank: int | None  # rank of the first chunk containing a gold answer within `depth`
+    served_doc_hit: bool
+    served_span_hit: bool
+    retrieve_ms: float
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+def instruction_ids(tokenizer, text: str) -> list[int]:
+    """The instruction as a system turn of the model's chat format; plain text if it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "system", "content": text}], add_generation_prompt=False,
+                                            tokenize=True, return_dict=False)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):  # transformers 5 may return BatchEncoding
+            out = out["input_ids"]
+        return list(out)
+    return tokenizer(text.strip() + "\n\n", add_special_tokens=False)["input_ids"]
+
+
+def instruction_method(generator: Generator, text: str) -> Method:
+    """A hard text prompt delivered as a "soft prompt" made of its own token embeddings."""
+    ids = instruction_ids(generator.tokenizer, text)
+    if not ids:
+        raise RagptError("the instruction tokenizes to nothing")
+    weight = generator.embedding.weight
+    with torch.no_grad():
+        emb = generator.embedding(torch.tensor(ids, device=weight.device)).float().cpu()
+    return Method(
+        name="instruction", kind="instruction", generator=generator, soft_prompt=emb,
+        trainable_parameters=0, bytes=len(text.encode("utf-8")),
+        details={"text": text, "tokens": len(ids), "rendered": generator.tokenizer.decode(ids)},
+    )
+
+
+def resolve_soft_specs(registry: PromptRegistry, department: str,
+                       specs: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(method name, version) for each spec that applies to the department, and notes on skips.
+
+    Specs: "active", a version ("v3"), or "dept=v3" for one department only.
+    """
+    out: list[tuple[str, str]] = []
+    notes: list[str] = []
+    seen: set[str] = set()
+    for spec in specs:
+        dept, sep, ver = spec.rpartition("=")
+        if sep and dept != department:
+            continue
+        if ver == "active":
+            version = registry.active_version(department) if department in registry.departments() else None
+            if version is None:
+                notes.append(f"{department}: no active soft prompt; soft:active skipped")
+                continue
+        else:
+            version = ver
+        if version in seen:
+            continue
+        seen.add(version)
+        out.append((f"soft:{ver}", version))
+    return out, notes
+
+
+def soft_method(registry: PromptRegistry, department: str, name: str, version: str, generator: Generator,
+                base_fingerprint: str, train_qas: list[QAExample] | None = None,
+                dev_qas: list[QAExample] | None = None) -> Method:
+    """A registry version, validated as serving validates it (checksum, shape, base model).
+
+    Its training questions come from its metadata when it stores their hashes, else from
+    `train_qas` (+ `dev_qas`), verified against the metadata's training_data_sha256.
+    """
+    from ragpt.softprompts.artifact import TENSOR_FILE
+
+    sp = registry.load(department, version, base_fingerprint=base_fingerprint, hidden_size=generator.hidden_size,
+                       max_depth=generator.max_prompt_depth)
+    folder = Path(registry.root) / department / version
+    file = folder / TENSOR_FILE
+    state = next((r["state"] for r in registry.versions(department) if r["version"] == version), None)
+    keys = (sp.meta.get("extra") or {}).get(TRAINING_QUESTIONS_META_KEY)
+    hp = sp.meta.get("hyperparameters") or {}
+    method = Method(
+        name=name, kind="soft", generator=generator, soft_prompt=sp.tensor,
+        trainable_parameters=int(sp.tensor.numel()),
+        bytes=file.stat().st_size if file.is_file() else 4 * int(sp.tensor.numel()),
+        details={
+            "version": version, "state": state, "sha256": sp.meta.get("sha256"), "n_tokens": sp.n_tokens,
+            "depth": sp.depth,
+            "created": sp.meta.get("created"), "author": sp.meta.get("author"),
+            "training_data_sha256": sp.meta.get("training_data_sha256"),
+            "index_manifest_sha256": sp.meta.get("index_manifest_sha256"),
+            "hyperparameters": {k: hp.get(k) for k in ("steps", "lr", "n_tokens", "depth", "init", "k", "gold_context",
+                                                       "max_context_tokens", "seed", "dev_fraction", "dev_max")
+                                if k in hp},
+            "training_metrics": sp.meta.get("metrics") or {},
+        },
+        loss_curve=_read_loss_curve(folder / "loss_curve.json"),
+        training_keys=set(keys) if isinstance(keys, list) else None,
+        training_verified=isinstance(keys, list),
+        training_source="the prompt's metadata (question hashes)" if isinstance(keys, list) else "",
+    )
+    if method.training_keys is None and train_qas is not None:
+        verified = reproduces_training_hash(sp.meta, train_qas, dev_qas)
+        method.training_keys = {question_key(q.question, q.doc_id) for q in train_qas + list(dev_qas or [])}
+        method.training_verified = verified
+        method.training_source = "--train-data" + (
+            " (reproduces the prompt's training_data_sha256)" if verified
+            else " (does NOT reproduce the prompt's training_data_sha256: the prompt may have seen other data)")
+    return method
+
+
+def _read_loss_curve(path: Path) -> list[dict] | None:
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("loss") if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------------------- hygiene
+
+
+def leak_check(test_qas: Sequence[QAExample], method: Method) -> dict:
+    """Are any test questions in the method's training data? (normalised question + document)"""
+    if method.kind in ("none", "instruction"):
+        return {"status": "not trained", "overlap": 0}
+    return overlap_check(test_qas, method.training_keys, verified=method.training_verified,
+                         source=method.training_source)
+
+
+# ---------------------------------------------------------------------------- preparation
+
+
+def group_by_department(qas: list[QAExample], departments: Sequence[str] | None = None) -> dict[str, list[QAExample]]:
+    """Questions per department: their own `department`, or the one --department given.
+
+    With `departments`, only those (each must have questions); records naming no department
+    need exactly one department to be given, so no question is scored for the wrong department.
+    """
+    unnamed = [q for q in qas if not q.department]
+    if unnamed and (not departments or len(departments) != 1):
+        raise RagptError(f"{len(unnamed)} question(s) name no department: give exactly one --department")
+    groups: dict[str, list[QAExample]] = {}
+    for q in qas:
+        groups.setdefault(q.department or departments[0], []).append(q)
+    if departments:
+        missing = [d for d in departments if d not in groups]
+        if missing:
+            raise RagptError(f"no questions for department(s) {missing} in the data (found: {sorted(groups)})")
+        groups = {d: groups[d] for d in departments}
+    return groups
+
+
+def sample_questions(qas: list[QAExample], limit: int | None, seed: int) -> list[QAExample]:
+    """A seeded sample of `limit` questions, in file order (the first N would be a few documents)."""
+    if limit is None or limit >= len(qas):
+        return list(qas)
+    keep = sorted(random.Random(seed).sample(range(len(qas)), limit))
+    return [qas[i] for i in keep]
+
+
+def _served_context(qa: QAExample, example: TrainExample, hits, cfg: EvalConfig, tokenizer) -> str:
+    """Text of the passages that made it into the prompt (after gold injection and truncation)."""
+    passages = [ContextPassage(h.chunk.text, h.chunk.source, h.chunk.title) for h in hits]
+    gold = gold_passage(qa)  # the same rule build_examples applies
+    if gold is not None and (cfg.gold_context == "always" or (cfg.gold_context == "missed"
+                                                              and not example.retrieval_hit)):
+        passages = [gold] + passages[: max(0, cfg.k - 1)]
+    prompt = tokenizer.decode(example.prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return "\n\n".join(p.text for p in passages if p.text.strip() in prompt)
+
+
+def prepare(retriever: Retriever, tokenizer, qas: list[QAExample], department: str, cfg: EvalConfig,
+            progress: bool = True) -> list[Prepared]:
+    """Build the served inputs and score retrieval; nothing here depends on the method."""
+    examples = build_examples(qas, retriever, tokenizer, cfg.train_config(department), progress)
+    readable = {c.source for c in retriever.index.chunks.values() if department in c.departments}
+    in_index: dict[str, bool] = {}
+    out: list[Prepared] = []
+    for start in range(0, len(qas), RETRIEVAL_BATCH):
+        chunk = qas[start:start + RETRIEVAL_BATCH]
+        questions = [q.question for q in chunk]
+        vecs = retriever.embedder.encode(questions) if retriever.dense else None
+        served = retriever.search_many(questions, [department] * len(chunk), cfg.k, query_vectors=vecs)
+        deep = served if cfg.depth == cfg.k else retriever.search_many(
+            questions, [department] * len(chunk), cfg.depth, query_vectors=vecs)
+        for qa, ex, s_hits, d_hits in zip(chunk, examples[start:start + RETRIEVAL_BATCH], served, deep):
+            t0 = time.perf_counter()
+            retriever.search(qa.question, department, cfg.k)  # timed alone: a request's retrieval latency
+            ms = 1000 * (time.perf_counter() - t0)
+            if qa.doc_id not in in_index:
+                in_index[qa.doc_id] = bool(qa.doc_id) and any(source_matches(s, qa.doc_id) for s in readable)
+            has_doc = in_index[qa.doc_id]
+            doc_flags = [has_doc and source_matches(h.chunk.source, qa.doc_id) for h in d_hits]
+            out.append(Prepared(
+                qa=qa, example=ex, context=_served_context(qa, ex, s_hits, cfg, tokenizer),
+                doc_in_index=has_doc,
+                doc_rank=first_relevant_rank(doc_flags),
+                span_rank=first_relevant_rank([answer_in_text(qa.answers, h.chunk.text) for h in d_hits]),
+                served_doc_hit=has_doc and any(source_matches(h.chunk.source, qa.doc_id) for h in s_hits),
+                served_span_hit=ex.retrieval_hit,  # what build_examples saw: the prompt's passages
+                retrieve_ms=ms,
+            ))
+    return out
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def score_method(method: Method, prepared: list[Prepared], department: str, cfg: EvalConfig,
+                 progress: bool = True) -> list[dict]:
+    """Greedy answers for every prepared question, scored per question (0-1)."""
+    rows: list[dict] = []
+    sp = method.soft_prompt
+    bar = tqdm(total=len(prepared), desc=f"eval {department} {method.name}", disable=not progress, leave=False)
+    for i in range(0, len(prepared), cfg.batch_size):
+        part = prepared[i:i + cfg.batch_size]
+        # Soft prompts go through the prefix KV cache, as the serving batcher sends them.
+        keys = [("eval", department, method.name)] * len(part) if sp is not None else None
+        t0 = time.perf_counter()
+        results = method.generator.generate([p.example.prompt_ids for p in part], [sp] * len(part),
+                                            max_new_tokens=cfg.max_new_tokens, prefix_keys=keys)
+        ms = 1000 * (time.perf_counter() - t0)
+        for j, (p, r) in enumerate(zip(part, results)):
+            g = groundedness(r.text, p.context)
+            rows.append({
+                "qid": f"{department}#{i + j}", "department": department, "method": method.name,
+                "id": p.qa.id, "doc_id": p.qa.doc_id, "question": p.qa.question, "answers": p.qa.answers,
+                "prediction": r.text, "finish_reason": r.finish_reason,
+                "em": best_over(exact_match, r.text, p.qa.answers),
+                "f1": round(best_over(token_f1, r.text, p.qa.answers), 6),
+                "rouge_l": round(best_over(rouge_l, r.text, p.qa.answers), 6),
+                "groundedness": None if g is None else round(g, 6),
+                "latency_ms": round(ms, 2),
+            })
+        bar.update(len(part))
+    bar.close()
+    return rows
+
+
+def _ci(values, cfg: EvalConfig, scale: float = 100.0) -> dict:
+    return bootstrap_ci(values, n_resamples=cfg.n_bootstrap, seed=cfg.seed).scaled(scale).to_dict()
+
+
+def summarise_method(rows: list[dict], baseline: list[dict] | None, cfg: EvalConfig) -> dict:
+    """Means (in %) with 95% intervals; paired differences against the baseline's same questions."""
+    out: dict = {"n": len(rows)}
+    for m in SCORES:
+        out[m] = _ci([r[m] for r in rows], cfg)
+    if baseline is not None:
+        base = {r["qid"]: r for r in baseline}
+        pairs = [(r, base[r["qid"]]) for r in rows if r["qid"] in base]
+        out["vs_none"] = {
+            m: paired_difference_ci([a[m] for a, _ in pairs], [b[m] for _, b in pairs],
+                                    n_resamples=cfg.n_bootstrap, seed=cfg.seed).scaled(100).to_dict()
+            for m in ("em", "f1", "rouge_l")
+        }
+    out["empty_answers"] = sum(not r["prediction"].strip() for r in rows)
+    out["cut_at_max_tokens"] = sum(r["finish_reason"] == "length" for r in rows)
+    lat = [r["latency_ms"] for r in rows]
+    out["latency_ms"] = {"p50": _round(percentile(lat, 50)), "p95": _round(percentile(lat, 95)),
+                         "per": f"generate call of up to {cfg.batch_size} question(s)"}
+    return out
+
+
+def summarise_retrieval(prepared: list[Prepared], cfg: EvalConfig) -> dict:
+    """Hit rate at the served k, MRR and the recall@k curve, by gold document and by answer span."""
+    with_doc = [p for p in prepared if p.doc_in_index]
+    doc_ranks = [p.doc_rank for p in with_doc]
+    span_ranks = [p.span_rank for p in prepared]
+    lat = [p.retrieve_ms for p in prepared]
+    return {
+        "n": len(prepared), "n_with_gold_document": len(with_doc), "k": cfg.k, "depth": cfg.depth,
+        "document": {
+            "hit_at_k": _ci([float(p.served_doc_hit) for p in with_doc], cfg),
+            "mrr": _ci([reciprocal_rank(r) for r in doc_ranks], cfg),
+            "recall_at": [_round(100 * recall_at_k(doc_ranks, j)) if doc_ranks else None
+                          for j in range(1, cfg.depth + 1)],
+        },
+        "answer_span": {
+            "hit_at_k": _ci([float(p.served_span_hit) for p in prepared], cfg),
+            "mrr": _ci([reciprocal_rank(r) for r in span_ranks], cfg),
+            "recall_at": [_round(100 * recall_at_k(span_ranks, j)) if span_ranks else None
+                          for j in range(1, cfg.depth + 1)],
+        },
+        "latency_ms": {"p50": _round(percentile(lat, 50)), "p95": _round(percentile(lat, 95)),
+                       "per": "single-question search (embedding included)"},
+    }
+
+
+def _round(v: float | None, digits: int = 2) -> float | None:
+    return None if v is None else round(v, digits)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class EvalRun:
+    results: dict  # JSON-ready summary (see ragpt.evaluation.report for the layout it renders)
+    predictions: list[dict]  # one row per (question, method)
+
+
+def input_mismatch(method: Method, cfg: EvalConfig) -> str | None:
+    """How a soft prompt's training inputs differ from this evaluation's (train as you serve)."""
+    hp = method.details.get("hyperparameters", {})
+    evaluated = {"k": cfg.k, "gold_context": cfg.gold_context, "max_context_tokens": cfg.max_context_tokens}
+    diffs = [f"{key} {hp[key]} (evaluated with {value})" for key, value in evaluated.items()
+             if key in hp and hp[key] != value]
+    return f"{method.name} was trained with {', '.join(diffs)}" if diffs else None
+
+
+def _plan_methods(department: str, kinds: Sequence[str], generator: Generator, registry: PromptRegistry | None,
+                  specs: Sequence[str], fingerprint: str, instruction: str, train_qas: list[QAExample] | None,
+                  dev_qas: list[QAExample] | None, cfg: EvalConfig, notes: list[str]) -> list[Method]:
+    """The methods to run for one department, loaded and validated (LoRA is trained later, when its turn comes)."""
+    plan: list[Method] = []
+    if "none" in kinds:
+        plan.append(Method("none", "none", generator))
+    if "instruction" in kinds:
+        plan.append(instruction_method(generator, instruction))
+    if "soft" in kinds:
+        resolved, skipped = resolve_soft_specs(registry, department, specs)
+        notes.extend(skipped)
+        for name, version in resolved:
+            m = soft_method(registry, department, name, version, generator, fingerprint, train_qas, dev_qas)
+            mismatch = input_mismatch(m, cfg)
+            if mismatch:
+                notes.append(f"{department}: {mismatch}; its inputs here differ from those it was trained on")
+            plan.append(m)
+    if "lora" in kinds:
+        if not train_qas:
+            raise RagptError(f"--train-data has no questions for {department} (needed by the lora method)")
+        plan.append(Method("lora", "lora", None,
+                           training_keys={question_key(q.question, q.doc_id) for q in train_qas},
+                           training_verified=True, training_source="--train-data (trained on it in this run)"))
+    return plan
+
+
+def run_evaluation(
+    generator: Generator,
+    base_model: torch.nn.Module,
+    retriever: Retriever,
+    qas_by_department: dict[str, list[QAExample]],
+    *,
+    methods: Sequence[str] = ("none", "instruction", "soft"),
+    prompt_specs: Sequence[str] = ("active",),
+    registry: PromptRegistry | None = None,
+    train_qas: list[QAExample] | None = None,
+    dev_qas: list[QAExample] | None = None,
+    instruction: str = DEFAULT_INSTRUCTION,
+    lora: LoraSettings | None = None,
+    lora_dir: Path | None = None,
+    cfg: EvalConfig | None = None,
+    allow_overlap: bool = False,
+    progress: bool = True,
+) -> EvalRun:
+    """Evaluate every method on every department's questions; refuse on train/test overlap.
+
+    `base_model` is the fp32 model the soft prompts were fingerprinted on (and LoRA copies);
+    `generator` may wrap it or its bf16 inference copy.
+    """
+    from ragpt.softprompts.artifact import base_model_fingerprint
+
+    cfg = cfg or EvalConfig()
+    cfg.check()
+    unknown = [m for m in methods if m not in METHOD_KINDS]
+    if unknown:
+        raise RagptError(f"unknown method(s) {unknown}; known: {', '.join(METHOD_KINDS)}")
+    if "lora" in methods and not train_qas:
+        raise RagptError("the lora method trains on --train-data; give it, or drop the method")
+    if "soft" in methods and registry is None:
+        raise RagptError("the soft method needs a prompt registry")
+    if not qas_by_department:
+        raise RagptError("no questions to evaluate")
+    for d in qas_by_department:
+        retriever.index.check_department(d)
+    t_start = time.perf_counter()
+    fingerprint = base_model_fingerprint(base_model)
+    notes: list[str] = []
+    sampled = {d: sample_questions(q, cfg.limit, cfg.seed) for d, q in sorted(qas_by_department.items())}
+    trains = {d: for_department(train_qas, d) if train_qas else None for d in sampled}
+    devs = {d: for_department(dev_qas, d) if dev_qas else None for d in sampled}
+    plans = {d: _plan_methods(d, methods, generator, registry, prompt_specs, fingerprint, instruction,
+                              trains[d], devs[d], cfg, notes) for d in sampled}
+
+    # Hygiene before any generation: fail fast, never after an hour of decoding.
+    hygiene = {d: {"methods": {m.name: leak_check(sampled[d], m) for m in plans[d]},
+                   "documents": document_overlap(sampled[d], trains[d], devs[d])} for d in sampled}
+    leaks = _refuse_leaks(hygiene, allow_overlap)
+
+    departments: dict = {}
+    predictions: list[dict] = []
+    all_prepared: list[Prepared] = []
+    rows_by_method: dict[str, list[dict]] = {}
+    loss_curves: dict[str, list[dict]] = {}
+    bf16_inference = next(generator.model.parameters()).dtype == torch.bfloat16
+    for d, qas in sampled.items():
+        prepared = prepare(retriever, generator.tokenizer, qas, d, cfg, progress)
+        all_prepared += prepared
+        dept: dict = {"n": len(qas), "examples_sha256": examples_sha256(qas),
+                      "retrieval": summarise_retrieval(prepared, cfg), "methods": {}, "hygiene": hygiene[d]}
+        baseline = None
+        for m in plans[d]:
+            if m.kind == "lora":
+                _train_lora_method(m, base_model, generator, retriever, trains[d], d, cfg, lora, lora_dir,
+                                   bf16_inference, progress)
+            rows = score_method(m, prepared, d, cfg, progress)
+            if m.kind == "lora":
+                m.generator = None  # free the merged copy before the next department
+            if m.name == "none":
+                baseline = rows
+            summary = summarise_method(rows, baseline if m.name != "none" else None, cfg)
+            summary["method"] = m.describe()
+            summary["examples"] = [{k: r[k] for k in ("question", "answers", "prediction", "f1")} for r in rows[:3]]
+            dept["methods"][m.name] = summary
+            if m.loss_curve:
+                loss_curves[f"{d}/{m.name}"] = m.loss_curve
+            predictions += rows
+            rows_by_method.setdefault(m.name, []).extend(rows)
+        departments[d] = dept
+
+    base_all = rows_by_method.get("none")
+    overall = {
+        "n": sum(v["n"] for v in departments.values()),
+        "retrieval": summarise_retrieval(all_prepared, cfg),
+        "methods": {name: summarise_method(rows, base_all if name != "none" else None, cfg)
+                    for name, rows in rows_by_method.items()},
+    }
+    results = {
+        "format": "ragpt.eval", "format_version": 1,
+        "run": {"index": retriever.index.name, "index_manifest_sha256": retriever.index.manifest_sha256(),
+                "base_model_fingerprint": fingerprint, "embedder": retriever.embedder.name,
+                "methods": list(methods), "prompt_specs": list(prompt_specs),
+                "instruction": instruction if "instruction" in methods else None,
+                "lora": asdict(lora) if (lora is not None and "lora" in methods) else None,
+                "allow_overlap": allow_overlap},
+        "config": asdict(cfg),
+        "departments": departments,
+        "overall": overall,
+        "loss_curves": loss_curves,
+        "notes": notes + ([f"{len(leaks)} method(s) evaluated despite test/training overlap (--allow-overlap)"]
+                          if leaks else []),
+        "timing": {"seconds": round(time.perf_counter() - t_start, 1)},
+    }
+    return EvalRun(results=results, predictions=predictions)
+
+
+def _refuse_leaks(hygiene: dict, allow_overlap: bool) -> list[tuple[str, str, dict]]:
+    """The (department, method, check) overlaps; raise TestSetLeakError on any unless allowed."""
+    leaks = [(d, name, h) for d, hs in hygiene.items() for name, h in hs["methods"].items()
+             if h["status"] == "overlap"]
+    if leaks and not allow_overlap:
+        d, name, h = leaks[0]
+        raise TestSetLeakError(
+            f"{h['overlap']} {d} test question(s) are in the training data of {name} ({h['source']}), "
+            f"e.g. {h['examples'][0]!r}; evaluate on held-out questions (or pass --allow-overlap to "
+            f"report with a warning)")
+    return leaks
+
+
+def _train_lora_method(m: Method, base_model, generator: Generator, retriever: Retriever,
+                       train_qas: list[QAExample], department: str, cfg: EvalConfig, lora: LoraSettings | None,
+                       lora_dir: Path | None, bf16_inference: bool, progress: bool) -> None:
+    """Train the LoRA reference on the department's training data, built as the eval's inputs are."""
+    from ragpt.lm.models import inference_model
+    from ragpt.training.lora import train_lora
+
+    settings = lora or LoraSettings(seed=cfg.seed)
+    examples = build_examples(train_qas, retriever, generator.tokenizer, cfg.train_config(department), progress)
+    res = train_lora(base_model, examples, settings, out_dir=(lora_dir / department) if lora_dir else None,
+                     progress=progress)
+    m.generator = Generator(inference_model(res.model, bf16_inference), generator.tokenizer)
+    m.trainable_parameters = res.trainable_parameters
+    m.bytes = res.adapter_bytes
+    m.loss_curve = res.loss_curve
+    m.details = {"settings": res.settings, "train_examples": res.train_examples, "adapter_dir": res.adapter_dir,
+                 "train_data_sha256": examples_sha256(train_qas)}

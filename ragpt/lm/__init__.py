@@ -1,0 +1,1 @@
+"""The frozen generator: model loading (embedded defaults), batched generation, the input builder."""

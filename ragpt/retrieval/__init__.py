@@ -1,0 +1,1 @@
+"""The FAISS + BM25 index, department-scoped search, and the department router."""

@@ -11,11 +11,16 @@ from ragpt.config import Settings, load_settings
 from ragpt.errors import RagptError
 
 if TYPE_CHECKING:
-    from ragpt.serving.pipeline import Answer, Citation, Pipeline, Question
+    from ragpt.serving.contract import InputContract
+    from ragpt.serving.pipeline import Pipeline
+    from ragpt.serving.request import Answer, ChatRequest, Citation
 
-_LAZY = {name: "ragpt.serving.pipeline" for name in ("Answer", "Citation", "Pipeline", "Question")}
+_LAZY = {"Answer": "ragpt.serving.request", "ChatRequest": "ragpt.serving.request",
+         "Citation": "ragpt.serving.request", "InputContract": "ragpt.serving.contract",
+         "Pipeline": "ragpt.serving.pipeline"}
 
-__all__ = ["Answer", "Citation", "Pipeline", "Question", "RagptError", "Settings", "load_settings"]
+__all__ = ["Answer", "ChatRequest", "Citation", "InputContract", "Pipeline", "RagptError", "Settings",
+           "load_settings"]
 __version__ = "0.1.0"
 
 

@@ -23,6 +23,14 @@ from ragpt.errors import ConfigError
 EMBEDDED_GENERATOR = "smollm2-135m-instruct"
 EMBEDDED_EMBEDDER = "all-minilm-l6-v2"
 
+# The input-contract defaults (ragpt.serving.contract), defined once, here: what a request without
+# a prompt version is built with, and what training and evaluation start from. A trained prompt
+# records its own values and is served with them.
+CONTRACT_DEFAULTS: dict[str, Any] = {
+    "k": 2, "max_context_tokens": 768, "max_question_tokens": 256, "max_history_tokens": 384,
+    "dense": True, "bm25": True, "rrf_k": 60, "query_rule": "turns:4",
+}
+
 
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -54,16 +62,20 @@ class Settings(BaseSettings):
     chunk_overlap: int = Field(40, ge=0)
     embed_batch_size: int = Field(64, ge=1)
 
-    # Retrieval.
-    k: int = Field(3, ge=1, le=100)
-    dense: bool = True
-    bm25: bool = True
-    rrf_k: int = Field(60, ge=1)
+    # Retrieval (part of the input contract of requests without a prompt version).
+    k: int = Field(CONTRACT_DEFAULTS["k"], ge=1, le=100)
+    dense: bool = CONTRACT_DEFAULTS["dense"]
+    bm25: bool = CONTRACT_DEFAULTS["bm25"]
+    rrf_k: int = Field(CONTRACT_DEFAULTS["rrf_k"], ge=1)
+    query_rule: str = CONTRACT_DEFAULTS["query_rule"]  # retrieval query of a follow-up: last, user:N, turns:N
 
     # Generation.
     max_new_tokens: int = Field(128, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
-    max_context_tokens: int = Field(1536, ge=64)
+    # Token budgets: the whole prompt, the question alone (refused beyond), the history (trimmed).
+    max_context_tokens: int = Field(CONTRACT_DEFAULTS["max_context_tokens"], ge=64)
+    max_question_tokens: int = Field(CONTRACT_DEFAULTS["max_question_tokens"], ge=1)
+    max_history_tokens: int = Field(CONTRACT_DEFAULTS["max_history_tokens"], ge=0)
     # bf16 autocast for the frozen model's forward passes (CPU with AVX-512/AMX, or GPU).
     # "auto" turns it on where the CPU supports bf16 natively.
     bf16: str = "auto"

@@ -26,6 +26,12 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from ragpt.config import Settings
+from ragpt.lm.generator import Generator
+from ragpt.lm.models import Embedder
+from ragpt.serving.request import Answer
+from ragpt.serving.scheduler import Ticket
 from ragpt_service.config import ServiceConfig
 from ragpt_service.errors import ApiError, from_ragpt_error, install_error_handlers
 from ragpt_service.limits import BodySizeLimit
@@ -36,14 +42,8 @@ from ragpt_service.schemas import (
     DepartmentChatRequest,
     check_generation_limits,
     citations_json,
-    question_and_history,
+    split_chat,
 )
-
-from ragpt.config import Settings
-from ragpt.lm.generator import Generator
-from ragpt.lm.models import Embedder
-from ragpt.serving.pipeline import Answer
-from ragpt.serving.scheduler import Ticket
 
 
 @dataclass
@@ -55,7 +55,8 @@ class ChatCall:
     routing: dict | None
     question: str
     history: tuple
-    k: int | None
+    system: str | None
+    overrides: dict | None  # input-contract fields the client changes (k included)
     max_tokens: int | None
     temperature: float | None
     stream: bool
@@ -72,16 +73,18 @@ def _allowed(request: Request, rt: ServiceRuntime = Depends(_runtime)) -> frozen
 
 
 async def _resolve(rt: ServiceRuntime, allowed: frozenset[str], model: str, messages: list[ChatMessage],
-                   **call) -> ChatCall:
+                   k: int | None, contract: dict | None, **call) -> ChatCall:
     rt.check_ready()
     limits = rt.config.limits
-    check_generation_limits(call["max_tokens"], call["k"], limits)
-    question, history = question_and_history(messages, limits)
+    overrides = {**(contract or {}), **({"k": k} if k is not None else {})} or None
+    check_generation_limits(call["max_tokens"], (overrides or {}).get("k"), limits)
+    question, history, system = split_chat(messages, limits)
     dept, prompt = rt.resolve_model(model, allowed)
     routing = None
     if dept is None:
         dept, prompt, routing = await rt.route(question, allowed)
-    return ChatCall(department=dept, prompt=prompt, routing=routing, question=question, history=history, **call)
+    return ChatCall(department=dept, prompt=prompt, routing=routing, question=question, history=history,
+                    system=system, overrides=overrides, **call)
 
 
 # ---------------------------------------------------------------------- response shapes
@@ -91,13 +94,15 @@ def _model_label(department: str, version: str | None) -> str:
     return f"{department}@{version}" if version else department
 
 
-def _extras(department: str, version: str | None, citations, routing: dict | None) -> dict:
+def _extras(department: str, version: str | None, citations, routing: dict | None, contract: dict,
+            overrides: dict) -> dict:
     return {"department": department, "prompt_version": version, "citations": citations_json(citations),
-            "routing": routing}
+            "routing": routing, "contract": contract, "contract_overrides": overrides}
 
 
 def completion_json(call: ChatCall, answer: Answer, rid: str, created: int) -> dict:
-    extras = _extras(answer.department, answer.prompt_version, answer, call.routing)
+    extras = _extras(answer.department, answer.prompt_version, answer, call.routing, answer.contract,
+                     answer.contract_overrides)
     if not call.openai:
         return {"id": rid, "object": "department.chat", "created": created, "answer": answer.text,
                 "finish_reason": answer.finish_reason, "usage": answer.usage, **extras, "timings": answer.timings}
@@ -140,7 +145,8 @@ async def _stream(call: ChatCall, ticket: Ticket, prepared, rid: str, created: i
 
     try:
         yield _sse(chunk({"role": "assistant", "content": ""},
-                         **_extras(prepared.department, prepared.prompt_version, prepared.citations, call.routing)))
+                         **_extras(prepared.department, prepared.prompt_version, prepared.citations, call.routing,
+                                   prepared.contract.to_dict(), prepared.overrides)))
         pieces = ticket.deltas()
         while True:
             try:
@@ -166,8 +172,8 @@ async def _answer(rt: ServiceRuntime, call: ChatCall):
     created = int(time.time())
     deadline = time.monotonic() + rt.config.limits.request_timeout_s
     ticket = rt.submit(department=call.department, prompt=call.prompt, question=call.question,
-                       history=call.history, k=call.k, max_tokens=call.max_tokens,
-                       temperature=call.temperature, stream=call.stream)
+                       history=call.history, system=call.system, overrides=call.overrides,
+                       max_tokens=call.max_tokens, temperature=call.temperature, stream=call.stream)
     # Wait for retrieval and prompt resolution before answering, so their errors get a real status.
     prepared = await _with_deadline(ticket, ticket.prepared(), deadline, "waiting in the queue")
     if call.stream:
@@ -223,7 +229,7 @@ def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder 
         if body.n not in (None, 1):
             raise ApiError(400, "n > 1 is not supported", code="unsupported_parameter", param="n")
         call = await _resolve(
-            rt, allowed, body.model, body.messages, k=body.k,
+            rt, allowed, body.model, body.messages, k=body.k, contract=body.contract,
             max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
             stream=body.stream, include_usage=bool(body.stream_options and body.stream_options.include_usage),
             openai=True,
@@ -234,7 +240,8 @@ def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder 
     async def department_chat(dept: str, body: DepartmentChatRequest, allowed: frozenset[str] = Depends(_allowed),
                               rt: ServiceRuntime = Depends(_runtime)):
         model = f"{dept}@{body.prompt_version}" if body.prompt_version else dept
-        call = await _resolve(rt, allowed, model, body.messages, k=body.k, max_tokens=body.max_tokens,
+        call = await _resolve(rt, allowed, model, body.messages, k=body.k, contract=body.contract,
+                              max_tokens=body.max_tokens,
                               temperature=body.temperature, stream=body.stream, include_usage=False, openai=False)
         return await _answer(rt, call)
 

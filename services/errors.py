@@ -12,6 +12,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ragpt.errors import EmptyQuestionError, RagptError, UnknownDepartmentError
+from ragpt.serving.contract import ContractError
+from ragpt.serving.messages import MessagesError
+from ragpt.serving.request import PromptTooLongError, QuestionTooLongError
 
 _TYPES = {
     400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
@@ -53,6 +56,14 @@ def from_ragpt_error(e: Exception) -> ApiError:
         return ApiError(400, str(e), code="empty_question", param="messages")
     if isinstance(e, UnknownDepartmentError):
         return ApiError(404, str(e), code="model_not_found", param="model")
+    if isinstance(e, QuestionTooLongError):
+        return ApiError(400, str(e), code="question_too_long", param="messages")
+    if isinstance(e, PromptTooLongError):
+        return ApiError(400, str(e), code="prompt_too_long", param="messages")
+    if isinstance(e, ContractError):
+        return ApiError(400, str(e), code="invalid_contract", param="contract")
+    if isinstance(e, MessagesError):
+        return ApiError(400, str(e), code="invalid_request", param="messages")
     if isinstance(e, RagptError):
         return ApiError(500, f"{type(e).__name__}: {e}", code="internal_error", type="server_error")
     return ApiError(500, f"internal error ({type(e).__name__})", code="internal_error", type="server_error")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from ragpt_service.errors import ApiError
 from starlette.exceptions import HTTPException
+
+from ragpt_service.errors import ApiError
 
 
 class BodySizeLimit:

@@ -10,19 +10,18 @@ import asyncio
 import logging
 import time
 
-from ragpt_service.auth import KeyRing
-from ragpt_service.config import ServiceConfig
-from ragpt_service.errors import ApiError
-
 from ragpt.config import Settings
-from ragpt.lm.generator import Generator, resolve_bf16
-from ragpt.lm.models import Embedder, load_embedder, load_generator_model
-from ragpt.lm.template import Turn
+from ragpt.lm.generator import Generator, load_generator
+from ragpt.lm.models import Embedder, load_embedder
 from ragpt.retrieval.index import DocumentIndex
 from ragpt.retrieval.router import DepartmentRouter, chunk_vectors
 from ragpt.serving.pipeline import Pipeline
+from ragpt.serving.request import ChatRequest, Turn
 from ragpt.serving.scheduler import BatcherStopped, ChatJob, MicroBatcher, Overloaded, Ticket
 from ragpt.softprompts.registry import UnknownPromptDepartmentError
+from ragpt_service.auth import KeyRing
+from ragpt_service.config import ServiceConfig
+from ragpt_service.errors import ApiError
 
 log = logging.getLogger("ragpt.service")
 
@@ -53,16 +52,13 @@ class ServiceRuntime:
             # The batcher's worker (retrieval) and the router (another thread) share the embedder;
             # Embedder.encode serialises its calls itself.
             embedder = self._embedder or load_embedder(s)
-            generator = self._generator
-            if generator is None:
-                model, tok = load_generator_model(s)
-                generator = Generator(model, tok, bf16=resolve_bf16(s.bf16))
+            generator = self._generator or load_generator(s)
             by_index: dict[str, Pipeline] = {}
             for dept in cfg.departments:
                 name = cfg.index_of(dept)
                 if name not in by_index:
-                    by_index[name] = Pipeline(DocumentIndex.open(s.index_dir, name), s,
-                                              embedder=embedder, generator=generator)
+                    by_index[name] = Pipeline(DocumentIndex.open(s.index_dir, name), s, embedder=embedder,
+                                              generator=generator, prefix_cache=cfg.batching.prefix_cache)
                 by_index[name].index.check_department(dept)
                 self.pipelines[dept] = by_index[name]
             for pipe in by_index.values():
@@ -77,7 +73,7 @@ class ServiceRuntime:
                                                temperature=rc.temperature)
             b = cfg.batching
             self.batcher = MicroBatcher(generator, max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms,
-                                        max_queue=b.max_queue, policy=b.policy, prefix_cache=b.prefix_cache)
+                                        max_queue=b.max_queue, policy=b.policy)
             self.batcher.start()
             self.status = "ready"
             log.info("ragpt service ready: %d departments in %.1fs", len(self.pipelines), time.time() - self.started)
@@ -173,16 +169,16 @@ class ServiceRuntime:
         return decision.department, "none", report
 
     def submit(self, *, department: str, prompt: str, question: str, history: tuple[Turn, ...],
-               k: int | None, max_tokens: int | None, temperature: float | None, stream: bool) -> Ticket:
+               system: str | None, overrides: dict | None, max_tokens: int | None, temperature: float | None,
+               stream: bool) -> Ticket:
         self.check_ready()
         limits = self.config.limits
         # A request without max_tokens gets the default, which never exceeds the limit.
         default = min(limits.default_max_tokens or self.settings.max_new_tokens, limits.max_tokens)
-        job = ChatJob(question=question, department=department, pipeline=self.pipelines[department],
-                      history=history, prompt=prompt, k=k, max_new_tokens=max_tokens or default,
-                      temperature=temperature, stream=stream)
+        request = ChatRequest(question, department, history=history, system=system, prompt=prompt,
+                              overrides=overrides, max_new_tokens=max_tokens or default, temperature=temperature)
         try:
-            return self.batcher.submit(job)
+            return self.batcher.submit(ChatJob(request, self.pipelines[department], stream=stream))
         except Overloaded as e:
             raise ApiError(503, f"overloaded: {e}; retry later", code="overloaded",
                            headers={"Retry-After": str(self.config.limits.retry_after_s)}) from e

@@ -1,21 +1,27 @@
-"""Request and response bodies, and the one rule that turns chat messages into a question + history.
+"""Request and response bodies; OpenAI messages -> (question, history, system text).
 
-Messages: the last message must be the user's question; earlier user/assistant turns become
-the conversation history (ragpt.lm.template.Turn). System and developer messages are accepted
-and ignored: the department's system prompt is part of the template that its soft prompt
-was trained with (train as you serve), so a client cannot replace it.
+Messages follow ragpt's one rule (ragpt.serving.messages): the last message must be the user's
+question, earlier user/assistant turns are the history, and system/developer messages are
+appended to the department's system turn (they cannot replace it: the soft prompt was trained
+with it).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ragpt.errors import EmptyQuestionError
+from ragpt.serving.messages import MessagesError, split_messages
+from ragpt.serving.request import Answer, Turn
 from ragpt_service.config import LimitsConfig
 from ragpt_service.errors import ApiError
 
-from ragpt.lm.template import Turn
-from ragpt.serving.pipeline import Answer
+CONTRACT_FIELD = Field(None, description="ragpt extension: input-contract fields to override for this request "
+                                         "(k, max_context_tokens, max_question_tokens, max_history_tokens, dense, "
+                                         "bm25, rrf_k, query_rule); the answer lists what differs from the "
+                                         "prompt version's contract.")
 
 
 class ContentPart(BaseModel):
@@ -59,6 +65,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
     k: int | None = Field(None, ge=1, description="ragpt extension: chunks to retrieve.")
+    contract: dict[str, Any] | None = CONTRACT_FIELD
 
 
 class DepartmentChatRequest(BaseModel):
@@ -69,30 +76,29 @@ class DepartmentChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     stream: bool = False
     prompt_version: str | None = Field(None, description="Pin a prompt version; default: the active one.")
+    contract: dict[str, Any] | None = CONTRACT_FIELD
 
 
-def question_and_history(messages: list[ChatMessage], limits: LimitsConfig) -> tuple[str, tuple[Turn, ...]]:
-    """(question, history) from chat messages, enforcing the message limits."""
+def split_chat(messages: list[ChatMessage], limits: LimitsConfig) -> tuple[str, tuple[Turn, ...], str | None]:
+    """(question, history, system text) from chat messages, enforcing the message limits."""
     if not messages:
         raise ApiError(400, "messages must hold at least one user message", code="invalid_request", param="messages")
     if len(messages) > limits.max_messages:
         raise ApiError(400, f"too many messages: {len(messages)} (limit {limits.max_messages})",
                        code="too_many_messages", param="messages")
-    turns = []
+    pairs = []
     for i, m in enumerate(messages):
         text = m.text()
         if len(text) > limits.max_message_chars:
             raise ApiError(400, f"message {i} has {len(text)} characters (limit {limits.max_message_chars})",
                            code="message_too_long", param=f"messages.{i}.content")
-        if m.role in ("user", "assistant"):
-            turns.append(Turn(m.role, text))
-    if not turns or turns[-1].role != "user":
-        raise ApiError(400, "the last message must be the user's question", code="invalid_request",
-                       param="messages")
-    question = turns[-1].content
-    if not question.strip():
-        raise ApiError(400, "the question (last user message) is empty", code="empty_question", param="messages")
-    return question, tuple(turns[:-1])
+        pairs.append((m.role, text))
+    try:
+        return split_messages(pairs)
+    except EmptyQuestionError as e:
+        raise ApiError(400, str(e), code="empty_question", param="messages") from None
+    except MessagesError as e:
+        raise ApiError(400, str(e), code="invalid_request", param="messages") from None
 
 
 def check_generation_limits(max_tokens: int | None, k: int | None, limits: LimitsConfig) -> None:

@@ -78,7 +78,9 @@ def build_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        # Room for the byte-level tokenizer's long prompts (~4 tokens per word): the request path caps
+        # a prompt at the model's window minus the answer. No parameter depends on it.
+        max_position_embeddings=4096,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

@@ -223,7 +223,7 @@ def test_real_generator_deep_prompt_and_its_peft_prefix_export(real_generator, t
     next-token logits in peft as ragpt's prefix path."""
     from peft import PeftModel
 
-    from ragpt.lm.template import build_prompt_ids
+    from ragpt.lm.template import build_prompt
     from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
     from ragpt.softprompts.peft_prefix import export_peft_prefix
     from ragpt.training.trainer import TrainConfig, init_prompt
@@ -232,7 +232,7 @@ def test_real_generator_deep_prompt_and_its_peft_prefix_export(real_generator, t
     gen = Generator(model, tok)  # float32: the comparison is exact up to float summation order
     sp = init_prompt(model, tok, TrainConfig(department="hr"))
     deep = deep_from_shallow(model, sp, model.config.num_hidden_layers)
-    ids = build_prompt_ids(tok, "How many vacation days do I get?", [], department="hr")
+    ids = build_prompt(tok, "How many vacation days do I get?", [], department="hr").ids
     plain_answer, deep_answer = gen.generate([ids, ids], [sp, deep], max_new_tokens=12)
     assert deep_answer.token_ids == plain_answer.token_ids
 

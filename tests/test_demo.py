@@ -17,8 +17,9 @@ def test_demo_ingests_the_sample_corpus_and_answers_with_cited_sources(tmp_path,
     gen_dir = tmp_path / "tiny-generator"
     build_tiny_model(tiny_tokenizer).save_pretrained(gen_dir)
     tiny_tokenizer.save_pretrained(gen_dir)
+    # The tiny byte-level tokenizer needs ~4 tokens per word: a prompt budget that fits the k passages.
     settings = Settings(index_dir=tmp_path / "indexes", generator=str(gen_dir), max_new_tokens=4, bf16="off",
-                        prompt_dir=tmp_path / "prompts", data_dir=tmp_path / "no-data")
+                        prompt_dir=tmp_path / "prompts", data_dir=tmp_path / "no-data", max_context_tokens=3000)
     lines: list[str] = []
     stats = run_demo(settings, index="demo", limit=2, progress=False, out=lines.append)
 

@@ -30,6 +30,7 @@ from ragpt.evaluation.runner import (
     sample_questions,
 )
 from ragpt.lm.generator import Generator
+from ragpt.serving.contract import InputContract
 from ragpt.training.trainer import TrainConfig, TrainExample, train_prompt
 
 runner = CliRunner()
@@ -224,9 +225,12 @@ def test_prepare_scores_retrieval_and_keeps_the_context_the_model_saw(tiny_token
 
 
 def test_input_mismatch_names_what_differs_from_training():
-    m = Method("soft:v2", "soft", None, details={"hyperparameters": {"k": 3, "gold_context": "never"}})
-    assert input_mismatch(m, EvalConfig(k=2)) == "soft:v2 was trained with k 3 (evaluated with 2)"
-    assert input_mismatch(m, EvalConfig(k=3)) is None
+    m = Method("soft:v2", "soft", None, details={"contract": InputContract(k=3, query_rule="last").to_dict()})
+    assert input_mismatch(m, InputContract(k=2, query_rule="last")) == "soft:v2 was trained with k 3 (evaluated with 2)"
+    assert input_mismatch(m, InputContract(k=3, query_rule="last")) is None
+    assert input_mismatch(m, InputContract(k=3, query_rule="turns:4")) == \
+        "soft:v2 was trained with query_rule last (evaluated with turns:4)"
+    assert input_mismatch(Method("none", "none", None), InputContract()) is None
 
 
 # ---------------------------------------------------------------------------- the whole flow, by CLI

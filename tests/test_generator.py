@@ -245,10 +245,10 @@ def test_rows_stop_at_their_end_token_and_the_batch_matches_hf(tiny_model, tiny_
 def real_prompts(sample_index, real_embedder, real_generator):
     """Prompt ids of three sample questions (different departments), built as serving builds them."""
     from ragpt.data.sample import SAMPLE_DEPARTMENTS, sample_questions
-    from ragpt.lm.template import build_prompt_ids
+    from ragpt.lm.template import build_prompt
     from ragpt.retrieval.index import DocumentIndex
     from ragpt.retrieval.search import Retriever
-    from ragpt.serving.pipeline import passages_from_hits
+    from ragpt.serving.request import passages_from_hits
 
     settings, name = sample_index
     retriever = Retriever(DocumentIndex.open(settings.index_dir, name), real_embedder)
@@ -257,7 +257,7 @@ def real_prompts(sample_index, real_embedder, real_generator):
     for dept in SAMPLE_DEPARTMENTS:
         q = sample_questions(dept)[0]
         hits = retriever.search(q.question, dept, k=1)
-        rows.append(build_prompt_ids(tok, q.question, passages_from_hits(hits), department=dept))
+        rows.append(build_prompt(tok, q.question, passages_from_hits(hits), department=dept).ids)
     return rows
 
 

@@ -8,9 +8,10 @@ import torch
 from ragpt.data.sample import SAMPLE_DEPARTMENTS, sample_questions
 from ragpt.errors import EmptyQuestionError, UnknownDepartmentError
 from ragpt.lm.generator import Generator
-from ragpt.lm.template import build_prompt_ids
+from ragpt.lm.template import build_prompt
 from ragpt.retrieval.index import DocumentIndex
-from ragpt.serving.pipeline import Answer, Pipeline, Question, passages_from_hits
+from ragpt.serving.pipeline import Pipeline
+from ragpt.serving.request import Answer, ChatRequest, passages_from_hits
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ def pipe(sample_index, real_embedder, real_generator):
     model, tok = real_generator
     return Pipeline(
         DocumentIndex.open(settings.index_dir, name),
-        settings.model_copy(update={"k": K}),
+        settings.model_copy(update={"k": K, "max_context_tokens": 2048}),
         embedder=real_embedder,
         generator=Generator(model, tok, bf16=False),
     )
@@ -65,8 +66,8 @@ def test_ask_cites_only_the_departments_documents_and_counts_tokens(pipe, dept):
     # Usage counts the prompt the template builds from exactly these retrieved chunks.
     hits = pipe.retrieve(q.question, dept, k=3)
     assert [(h.chunk.source, h.chunk.chunk) for h in hits] == [(c.source, c.chunk) for c in ans.citations]
-    prompt = build_prompt_ids(pipe.generator.tokenizer, q.question, passages_from_hits(hits), department=dept,
-                              max_context_tokens=pipe.settings.max_context_tokens)
+    prompt = build_prompt(pipe.generator.tokenizer, q.question, passages_from_hits(hits), department=dept,
+                          max_prompt_tokens=pipe.settings.max_context_tokens).ids
     assert ans.usage["prompt_tokens"] == len(prompt)
     assert 0 < ans.usage["completion_tokens"] <= MAX_NEW
     assert ans.usage["total_tokens"] == len(prompt) + ans.usage["completion_tokens"]
@@ -76,7 +77,7 @@ def test_ask_cites_only_the_departments_documents_and_counts_tokens(pipe, dept):
 
 def test_ask_many_on_mixed_departments_equals_asking_one_by_one(pipe):
     qs = [sample_questions(dept)[2] for dept in SAMPLE_DEPARTMENTS]
-    batch = pipe.ask_many([Question(q.question, q.department) for q in qs], max_new_tokens=MAX_NEW)
+    batch = pipe.ask_many([ChatRequest(q.question, q.department, max_new_tokens=MAX_NEW) for q in qs])
     assert [a.department for a in batch] == [q.department for q in qs]
     for q, a in zip(qs, batch):
         alone = pipe.ask(q.question, q.department, max_new_tokens=MAX_NEW)
@@ -91,11 +92,12 @@ def test_soft_prompt_rows_count_their_positions_and_mix_with_plain_rows(pipe):
     soft = soft * float(gen.embedding.weight.std())
     q = sample_questions("hr")[0]
     plain = pipe.ask(q.question, "hr", k=1, max_new_tokens=6)
-    tuned = pipe.ask(q.question, "hr", k=1, soft_prompt=soft, prompt_version="v1", max_new_tokens=6)
+    (tuned,) = pipe.ask_many([ChatRequest(q.question, "hr", overrides={"k": 1}, soft_prompt=soft, prompt_label="v1",
+                                          max_new_tokens=6)])
     assert tuned.usage["prompt_tokens"] == plain.usage["prompt_tokens"] + 6
     assert tuned.prompt_version == "v1"
-    mixed = pipe.ask_many([Question(q.question, "hr"), Question(q.question, "hr", soft_prompt=soft)],
-                          k=1, max_new_tokens=6)
+    mixed = pipe.ask_many([ChatRequest(q.question, "hr", overrides={"k": 1}, max_new_tokens=6),
+                           ChatRequest(q.question, "hr", overrides={"k": 1}, soft_prompt=soft, max_new_tokens=6)])
     assert [m.text for m in mixed] == [plain.text, tuned.text]
 
 
@@ -104,8 +106,9 @@ def test_model_weights_are_bit_identical_after_asking(pipe):
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     soft = torch.randn(4, pipe.generator.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.05
     q = sample_questions("finance")[0]
-    pipe.ask_many([Question(q.question, "finance"), Question(q.question, "finance", soft_prompt=soft)],
-                  k=1, max_new_tokens=4, temperature=0.7, seed=0)
+    pipe.ask_many([ChatRequest(q.question, "finance", overrides={"k": 1}, max_new_tokens=4, temperature=0.7),
+                   ChatRequest(q.question, "finance", overrides={"k": 1}, soft_prompt=soft, max_new_tokens=4,
+                               temperature=0.7)], seed=0)
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
@@ -119,5 +122,5 @@ def test_bad_requests_are_refused_before_generating(pipe):
         pipe.ask("How many vacation days?", "legal")
     with pytest.raises(UnknownDepartmentError):
         # One bad question fails the whole batch.
-        pipe.ask_many([Question("How many vacation days?", "hr"), Question("Anything?", "legal")])
+        pipe.ask_many([ChatRequest("How many vacation days?", "hr"), ChatRequest("Anything?", "legal")])
     assert pipe.ask_many([]) == []

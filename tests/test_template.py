@@ -6,11 +6,14 @@ import pytest
 
 from ragpt.errors import EmptyQuestionError
 from ragpt.lm.template import (
+    SYSTEM_PROMPT,
     ContextPassage,
+    PromptTooLongError,
+    QuestionTooLongError,
     Turn,
-    build_prompt_ids,
-    build_training_ids,
+    build_prompt,
     end_of_turn_ids,
+    training_ids,
 )
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
@@ -26,6 +29,10 @@ PASSAGES = [
 
 def _ids_of(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_prompt_ids(tokenizer, question, passages, *, max_context_tokens=10_000, **kw) -> list[int]:
+    return build_prompt(tokenizer, question, passages, max_prompt_tokens=max_context_tokens, **kw).ids
 
 
 def test_prompt_ends_with_the_assistant_header(tiny_tokenizer):
@@ -79,27 +86,24 @@ def test_lowest_ranked_passages_are_dropped_first_to_fit(tiny_tokenizer):
                             max_context_tokens=lengths[3]) == full[3]
     assert build_prompt_ids(tiny_tokenizer, question, PASSAGES, department="hr",
                             max_context_tokens=lengths[3] - 1) == full[2]
-    # A budget below even the bare question keeps the question (never an empty prompt).
-    ids = build_prompt_ids(tiny_tokenizer, question, PASSAGES, department="hr", max_context_tokens=1)
-    assert ids == full[0]
+    # A budget below even the bare question is refused, naming the limit (never a silently cut question).
+    with pytest.raises(PromptTooLongError, match="the limit is 1") as e:
+        build_prompt_ids(tiny_tokenizer, question, PASSAGES, department="hr", max_context_tokens=1)
+    assert e.value.limit == 1
 
 
 @pytest.mark.parametrize("question", ["", "   ", "\n\t "])
 def test_empty_question_raises(tiny_tokenizer, question):
     with pytest.raises(EmptyQuestionError):
         build_prompt_ids(tiny_tokenizer, question, PASSAGES, department="hr")
-    with pytest.raises(EmptyQuestionError):
-        build_training_ids(tiny_tokenizer, question, PASSAGES, "25 days", department="hr")
 
 
 def test_training_ids_are_the_prompt_then_answer_then_end_token(tiny_tokenizer):
     question, answer = "How many vacation days?", "  Employees get 25 days.  "
-    prompt = build_prompt_ids(tiny_tokenizer, question, PASSAGES, department="hr", max_context_tokens=10_000)
-    ids, start = build_training_ids(
-        tiny_tokenizer, question, PASSAGES, answer, department="hr", max_context_tokens=10_000
-    )
-    assert start == len(prompt)
-    assert ids[:start] == prompt
+    built = build_prompt(tiny_tokenizer, question, PASSAGES, department="hr", max_prompt_tokens=10_000)
+    ids, start = training_ids(tiny_tokenizer, built, answer)
+    assert start == len(built.ids)
+    assert ids[:start] == built.ids
     tail = ids[start:]
     assert tail[-1] == tiny_tokenizer.eos_token_id
     assert end_of_turn_ids(tiny_tokenizer) == [tiny_tokenizer.eos_token_id]
@@ -107,10 +111,61 @@ def test_training_ids_are_the_prompt_then_answer_then_end_token(tiny_tokenizer):
     assert tiny_tokenizer.decode(tail[:-1]) == answer.strip()
 
 
+def test_client_system_text_is_appended_to_the_department_system_turn(tiny_tokenizer):
+    plain = build_prompt_ids(tiny_tokenizer, "q?", PASSAGES, department="hr")
+    with_sys = build_prompt_ids(tiny_tokenizer, "q?", PASSAGES, department="hr", system="  Answer in French.  ")
+    text = tiny_tokenizer.decode(with_sys)
+    system_turn = text.split("<|im_end|>")[0]
+    assert system_turn == "<|im_start|>system\n" + SYSTEM_PROMPT.format(department="hr") + "\n\nAnswer in French."
+    # Only the system turn changed: the rest of the prompt is the same.
+    assert tiny_tokenizer.decode(plain) == text.replace("\n\nAnswer in French.", "")
+    assert build_prompt_ids(tiny_tokenizer, "q?", PASSAGES, department="hr", system="  ") == plain
+
+
+def test_a_question_over_its_budget_is_refused_naming_the_limit(tiny_tokenizer):
+    q = "How many vacation days do I get per year?"
+    n = len(_ids_of(tiny_tokenizer, q))
+    assert build_prompt(tiny_tokenizer, q, [], department="hr", max_question_tokens=n).question_tokens == n
+    with pytest.raises(QuestionTooLongError, match=f"the question has {n} tokens; the limit is {n - 1}") as e:
+        build_prompt(tiny_tokenizer, q, [], department="hr", max_question_tokens=n - 1)
+    assert e.value.limit == n - 1
+
+
+def test_history_is_trimmed_oldest_first_to_its_budget(tiny_tokenizer):
+    turns = [Turn("user", "first question about leave"), Turn("assistant", "first answer"),
+             Turn("user", "second question"), Turn("assistant", "second answer")]
+    sizes = [len(_ids_of(tiny_tokenizer, t.content)) for t in turns]
+    full = build_prompt(tiny_tokenizer, "Follow-up?", PASSAGES, department="hr", history=turns)
+    assert full.history == 4
+    # A budget for exactly the last two turns keeps them, whole, and drops the two oldest.
+    two = build_prompt(tiny_tokenizer, "Follow-up?", PASSAGES, department="hr", history=turns,
+                       max_history_tokens=sizes[2] + sizes[3])
+    assert two.history == 2
+    text = tiny_tokenizer.decode(two.ids)
+    assert "second question" in text and "second answer" in text and "first" not in text
+    assert two.ids == build_prompt(tiny_tokenizer, "Follow-up?", PASSAGES, department="hr", history=turns[2:]).ids
+    # One token less: the oldest of those two goes too.
+    assert build_prompt(tiny_tokenizer, "Follow-up?", PASSAGES, department="hr", history=turns,
+                        max_history_tokens=sizes[2] + sizes[3] - 1).history == 1
+    assert build_prompt(tiny_tokenizer, "Follow-up?", PASSAGES, department="hr", history=turns,
+                        max_history_tokens=0).history == 0
+
+
+def test_prompt_budget_drops_passages_first_then_the_oldest_history(tiny_tokenizer):
+    turns = [Turn("user", "an old question"), Turn("assistant", "an old answer")]
+    no_context = build_prompt(tiny_tokenizer, "Follow-up?", [], department="hr", history=turns)
+    cut = build_prompt(tiny_tokenizer, "Follow-up?", PASSAGES, department="hr", history=turns,
+                       max_prompt_tokens=len(no_context.ids))
+    assert (cut.passages, cut.history) == (0, 2) and cut.ids == no_context.ids
+    smaller = build_prompt(tiny_tokenizer, "Follow-up?", PASSAGES, department="hr", history=turns,
+                           max_prompt_tokens=len(no_context.ids) - 1)
+    assert (smaller.passages, smaller.history) == (0, 1)
+    assert len(smaller.ids) < len(no_context.ids)
+
+
 def test_training_prefix_follows_the_same_context_budget_as_serving(tiny_tokenizer):
     question = "How many vacation days?"
     budget = len(build_prompt_ids(tiny_tokenizer, question, PASSAGES[:1], department="hr")) + 1
-    served = build_prompt_ids(tiny_tokenizer, question, PASSAGES, department="hr", max_context_tokens=budget)
-    ids, start = build_training_ids(tiny_tokenizer, question, PASSAGES, "25 days", department="hr",
-                                    max_context_tokens=budget)
-    assert ids[:start] == served
+    served = build_prompt(tiny_tokenizer, question, PASSAGES, department="hr", max_prompt_tokens=budget)
+    ids, start = training_ids(tiny_tokenizer, served, "25 days")
+    assert ids[:start] == served.ids and served.passages == 1

@@ -16,7 +16,8 @@ from ragpt.data.sample import SAMPLE_DEPARTMENTS, department_dir, sample_questio
 from ragpt.evaluation.metrics import best_over, token_f1
 from ragpt.lm.models import load_embedder
 from ragpt.retrieval.index import DocumentIndex
-from ragpt.serving.pipeline import Pipeline, Question
+from ragpt.serving.pipeline import Pipeline
+from ragpt.serving.request import ChatRequest
 from ragpt.softprompts.registry import PromptRegistry
 
 BATCH = 8  # questions of one department answered in one batched generation
@@ -24,7 +25,6 @@ BATCH = 8  # questions of one department answered in one batched generation
 SHIPPED_DEPARTMENTS = {"dmv": "doc2dial", "ssa": "doc2dial", "va": "doc2dial", "studentaid": "doc2dial",
                        "legal": "policyqa"}
 SHIPPED_INDEX = "shared"  # the index the shipped prompts were trained against
-SHIPPED_CONTEXT_TOKENS = 640  # the prompt budget they were trained with
 
 
 def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = None,
@@ -46,7 +46,7 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
         for i in range(0, len(qs), BATCH):
             batch = qs[i:i + BATCH]
             t0 = time.perf_counter()
-            answers = pipe.ask_many([Question(q.question, dept) for q in batch])
+            answers = pipe.ask_many([ChatRequest(q.question, dept) for q in batch])
             stats["answer_seconds"] += time.perf_counter() - t0
             for q, a in zip(batch, answers):
                 hit = any(source_matches(c.source, q.source) for c in a.citations)
@@ -100,13 +100,15 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
                      batch_size=settings.embed_batch_size, progress=progress)
         out(f"[ingest] {d}: {len(rep.added)} added, {len(rep.unchanged)} unchanged")
 
-    served = settings.model_copy(update={"max_context_tokens": SHIPPED_CONTEXT_TOKENS})
-    pipe = Pipeline(DocumentIndex.open(settings.index_dir, SHIPPED_INDEX), served, embedder=embedder)
+    # Each prompt is served with its own input contract (the inputs it was trained on).
+    pipe = Pipeline(DocumentIndex.open(settings.index_dir, SHIPPED_INDEX), settings, embedder=embedder)
     results = {}
     for d in shipped:
         version = registry.active_version(d)
         qs = load_qa(imported / SHIPPED_DEPARTMENTS[d] / "qa" / f"{d}.test.jsonl")[: limit or BATCH]
-        plain = pipe.ask_many([Question(q.question, d, prompt="none") for q in qs])
+        # No prompt, built with the same inputs as the prompt it is compared with (a paired comparison).
+        contract = pipe.resolve(d, version)[2] if version else None
+        plain = pipe.ask_many([ChatRequest(q.question, d, prompt="none", contract=contract) for q in qs])
         if version is None:  # released prompts can be pulled (ragpt prompts deactivate): base model only
             out(f"\n=== {d}: no active soft prompt (see `ragpt prompts list -d {d}`), {len(qs)} held-out "
                 "test questions ===")
@@ -114,7 +116,7 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
                 out(f"\nQ: {q.question}\nA (no prompt): {a0.text}\n  expected: {q.answers[0]!r}")
             results[d] = {"version": None, "questions": len(qs)}
             continue
-        tuned = pipe.ask_many([Question(q.question, d, prompt=version) for q in qs])
+        tuned = pipe.ask_many([ChatRequest(q.question, d, prompt=version) for q in qs])
         out(f"\n=== {d}: soft prompt {version}, {len(qs)} held-out test questions ===")
         f1_plain = f1_tuned = 0.0
         for q, a0, a1 in zip(qs, plain, tuned):

@@ -32,10 +32,12 @@ def eval_cmd(
     dev_data: Annotated[list[Path] | None, typer.Option(
         help="Dev QA file(s) a soft prompt was trained with (--dev-data of ragpt train); checked too.")] = None,
     instruction: Annotated[str | None, typer.Option(help="Text of the 'instruction' method.")] = None,
-    k: Annotated[int, typer.Option("-k", help="Retrieved chunks in the prompt (as trained).")] = 2,
+    k: Annotated[int | None, typer.Option("-k", help="Retrieved chunks in the prompt (default: the evaluated "
+                                                    "prompt's input contract, as served).")] = None,
     depth: Annotated[int, typer.Option(help="Ranked-list depth for recall@k and MRR.")] = 10,
     gold_context: Annotated[str, typer.Option(help="never, missed or always (as in training).")] = "never",
-    max_context_tokens: Annotated[int, typer.Option(help="Prompt token budget (as trained).")] = 768,
+    max_context_tokens: Annotated[int | None, typer.Option(
+        help="Prompt token budget (default: the evaluated prompt's input contract, as served).")] = None,
     limit: Annotated[int | None, typer.Option(help="Questions per department (seeded sample) for quick runs.")]
     = None,
     max_tokens: Annotated[int, typer.Option(help="Max new tokens per answer.")] = 48,
@@ -64,10 +66,11 @@ def eval_cmd(
     from ragpt.data.qa import load_qa
     from ragpt.evaluation.report import write_report
     from ragpt.evaluation.runner import EvalConfig, group_by_department, run_evaluation
-    from ragpt.lm.generator import Generator, resolve_bf16
-    from ragpt.lm.models import inference_model, load_embedder, load_generator_model
+    from ragpt.lm.generator import load_generator, resolve_bf16
+    from ragpt.lm.models import load_embedder
     from ragpt.retrieval.index import DocumentIndex
     from ragpt.retrieval.search import Retriever
+    from ragpt.serving.contract import InputContract
     from ragpt.softprompts.artifact import utc_now
     from ragpt.softprompts.registry import PromptRegistry
     from ragpt.training.lora import LoraSettings
@@ -86,10 +89,10 @@ def eval_cmd(
         for d in by_dept:  # fail on a wrong department before any model loads
             doc_index.check_department(d)
         retriever = Retriever(doc_index, load_embedder(s), dense=s.dense, bm25=s.bm25, rrf_k=s.rrf_k)
-        model, tok = load_generator_model(s)
+        generator = load_generator(s)
         bf16 = resolve_bf16(s.bf16)
         run = run_evaluation(
-            Generator(inference_model(model, bf16), tok), model, retriever, by_dept,
+            generator, generator.base_model, retriever, by_dept, default_contract=InputContract.from_settings(s),
             methods=kinds, prompt_specs=prompt or ["active"], registry=PromptRegistry(s.prompt_dir),
             train_qas=train_qas, dev_qas=dev_qas, instruction=instruction or _default_instruction(),
             lora=LoraSettings(rank=lora_rank, alpha=2 * lora_rank, steps=lora_steps, lr=lora_lr,

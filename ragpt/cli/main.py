@@ -114,23 +114,42 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     department: Annotated[str, typer.Option("--department", "-d", help="Department asking.")],
     index: Annotated[str, typer.Option("--index", "-i", help="Index name.")] = "sample",
-    k: Annotated[int | None, typer.Option("-k", help="Chunks to retrieve.")] = None,
+    prompt: Annotated[str, typer.Option(help="Soft prompt: active, none, or a version such as v3.")] = "active",
+    history: Annotated[str | None, typer.Option(
+        help='Earlier turns as JSON: [{"role": "user", "content": "..."}, {"role": "assistant", ...}].')] = None,
+    system: Annotated[str | None, typer.Option(help="Client system text, appended to the department's.")] = None,
+    k: Annotated[int | None, typer.Option("-k", help="Chunks to retrieve (default: the prompt's contract).")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens.")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
-    no_dense: Annotated[bool, typer.Option("--no-dense", help="BM25 only.")] = False,
-    no_bm25: Annotated[bool, typer.Option("--no-bm25", help="Dense only.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer object as JSON.")] = False,
 ) -> None:
-    """Retrieve the department's top-k chunks and answer with the frozen generator."""
+    """Answer with the department's soft prompt, built with the prompt version's input contract."""
     from ragpt.serving.pipeline import Pipeline
 
     try:
-        s = _settings(ctx, k=k, max_new_tokens=max_tokens, temperature=temperature,
-                      dense=False if no_dense else None, bm25=False if no_bm25 else None)
-        ans = Pipeline.open(index, settings=s).ask(question, department)
+        turns = _history_turns(history)
+        s = _settings(ctx, max_new_tokens=max_tokens, temperature=temperature)
+        ans = Pipeline.open(index, settings=s).ask(question, department, history=turns, system=system,
+                                                   prompt=prompt, k=k)
     except RagptError as e:
         _fail(e)
     _print_answer(ans, as_json)
+
+
+def _history_turns(text: str | None) -> tuple:
+    from ragpt.serving.request import Turn
+
+    if not text:
+        return ()
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RagptError(f"--history is not valid JSON ({e.msg})") from None
+    ok = isinstance(items, list) and all(isinstance(i, dict) and i.get("role") in ("user", "assistant")
+                                         and isinstance(i.get("content"), str) for i in items)
+    if not ok:
+        raise RagptError('--history must be a JSON list of {"role": "user" | "assistant", "content": "..."}')
+    return tuple(Turn(i["role"], i["content"]) for i in items)
 
 
 @app.command()
@@ -197,11 +216,13 @@ def train(
              "more = a deep prompt (P-tuning v2 style; the model's layer count for all).")] = 1,
     init: Annotated[str, typer.Option(help="Initialisation: text, vocab or random.")] = "text",
     init_text: Annotated[str | None, typer.Option(help="Text for --init text (default: the system prompt).")] = None,
-    k: Annotated[int, typer.Option("-k", help="Retrieved chunks per example.")] = 2,
+    k: Annotated[int | None, typer.Option("-k", help="Retrieved chunks per example (default: the k setting).")]
+    = None,
     gold_context: Annotated[str, typer.Option(
         help="Put the gold passage in the context: never, missed (when retrieval missed the answer), always."
     )] = "never",
-    max_context_tokens: Annotated[int, typer.Option(help="Prompt token budget.")] = 768,
+    max_context_tokens: Annotated[int | None, typer.Option(
+        help="Prompt token budget (default: the max_context_tokens setting).")] = None,
     eval_every: Annotated[int, typer.Option(help="Dev evaluation every N steps (0: at the end).")] = 20,
     patience: Annotated[int, typer.Option(help="Stop after N evaluations without improvement (0: never).")] = 3,
     dev_fraction: Annotated[float, typer.Option(help="Share of --data held out as dev (by document).")] = 0.15,
@@ -221,16 +242,19 @@ def train(
     from ragpt.training.job import run_training
     from ragpt.training.trainer import TrainConfig
 
-    cfg = TrainConfig(
-        department=department, n_tokens=n_tokens, depth=depth, init=init, init_text=init_text, steps=steps,
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, k=k,
-        gold_context=gold_context, max_context_tokens=max_context_tokens, eval_every=eval_every,
-        patience=patience, dev_fraction=dev_fraction, dev_max=dev_max, seed=seed,
-        checkpoint_every=max(1, eval_every or 20),
-    )
     try:
+        # The input contract's values come from the settings (one place), these flags overriding them.
+        s = _settings(ctx, k=k, max_context_tokens=max_context_tokens)
+        cfg = TrainConfig(
+            department=department, n_tokens=n_tokens, depth=depth, init=init, init_text=init_text, steps=steps,
+            batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, k=s.k,
+            max_context_tokens=s.max_context_tokens, max_question_tokens=s.max_question_tokens,
+            max_history_tokens=s.max_history_tokens, query_rule=s.query_rule, gold_context=gold_context,
+            eval_every=eval_every, patience=patience, dev_fraction=dev_fraction, dev_max=dev_max, seed=seed,
+            checkpoint_every=max(1, eval_every or 20),
+        )
         summary = run_training(
-            _settings(ctx), index=index, data=data, cfg=cfg, dev_data=dev_data,
+            s, index=index, data=data, cfg=cfg, dev_data=dev_data,
             checkpoint_dir=checkpoint_dir, resume=resume, register=register, actor=actor, progress=not quiet,
         )
     except (RagptError, ValueError) as e:

@@ -67,9 +67,13 @@ def list_prompts(
 
 @prompts_app.command("show")
 def show(ctx: typer.Context, department: str, version: str) -> None:
-    """The version's metadata as JSON (after validating the artifact)."""
+    """The version's metadata as JSON (after validating the artifact), with the input contract it is served with."""
+    from ragpt.serving.contract import InputContract
+
     try:
-        _echo_json(_registry(ctx).load(department, version).meta)
+        meta = _registry(ctx).load(department, version).meta
+        _echo_json({**meta, "contract": InputContract.from_prompt_meta(meta).to_dict(),
+                    "contract_recorded": "contract" in meta})
     except RagptError as e:
         fail(e)
 

@@ -27,6 +27,7 @@ def serve(
     Models load in the background after the port opens; GET /readyz answers 200 once they are.
     """
     import uvicorn
+
     from ragpt_service.app import create_app
     from ragpt_service.config import load_service_config
 

@@ -31,6 +31,15 @@ class QAExample:
     department: str | None = None
     context: str | None = None  # the gold passage, when the data set has one
     history: list[dict] = field(default_factory=list)  # earlier turns: {"role", "content"}
+    system: str | None = None  # a client's system text, appended to the department's system turn
+
+    def to_record(self) -> dict:
+        """The JSON record (and what its hash covers); `system` only when set, so records and hashes
+        of data without system text are what they were before the field existed."""
+        rec = asdict(self)
+        if rec["system"] is None:
+            del rec["system"]
+        return rec
 
     def __post_init__(self):
         if not isinstance(self.question, str) or not self.question.strip():
@@ -46,7 +55,7 @@ def _from_record(rec: dict, where: str) -> QAExample:
     answers = rec.get("answers", rec.get("answer"))
     if isinstance(answers, list) and answers and isinstance(answers[0], dict):
         answers = [a.get("text", "") for a in answers]
-    known = {"question", "id", "doc_id", "department", "context", "history"}
+    known = {"question", "id", "doc_id", "department", "context", "history", "system"}
     try:
         return QAExample(answers=answers or [], **{k: v for k, v in rec.items() if k in known})
     except TypeError as e:
@@ -104,13 +113,13 @@ def load_qa(path: Path) -> list[QAExample]:
 def save_jsonl(examples: list[QAExample], path: Path) -> None:
     from ragpt.atomic import atomic_write_text
 
-    atomic_write_text(path, "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples))
+    atomic_write_text(path, "".join(json.dumps(e.to_record(), ensure_ascii=False) + "\n" for e in examples))
 
 
 def examples_sha256(examples: list[QAExample]) -> str:
     h = hashlib.sha256()
     for e in examples:
-        h.update(json.dumps(asdict(e), sort_keys=True, ensure_ascii=False).encode())
+        h.update(json.dumps(e.to_record(), sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -59,9 +59,11 @@ from ragpt.evaluation.metrics import (
 from ragpt.lm.generator import Generator
 from ragpt.lm.template import ContextPassage
 from ragpt.retrieval.search import Retriever
+from ragpt.serving.contract import GOLD_CONTEXT_MODES, OVERRIDABLE, InputContract
+from ragpt.serving.request import ChatRequest, PreparedRequest, generate_answers
 from ragpt.softprompts.registry import PromptRegistry
 from ragpt.training.lora import LoraSettings
-from ragpt.training.trainer import GOLD_CONTEXT_MODES, TrainConfig, TrainExample, build_examples, gold_passage
+from ragpt.training.trainer import TrainConfig, TrainExample, build_examples, gold_passage
 
 METHOD_KINDS = ("none", "instruction", "soft", "lora")
 SCORES = ("em", "f1", "rouge_l", "groundedness")
@@ -80,10 +82,11 @@ class TestSetLeakError(RagptError):
 
 @dataclass
 class EvalConfig:
-    k: int = 2  # chunks in the prompt, as served and trained
+    # Override the input contract (None: the evaluated prompt version's, as served; else the default).
+    k: int | None = None  # chunks in the prompt
+    max_context_tokens: int | None = None  # prompt budget
     depth: int = 10  # ranked-list depth for the recall@k curve and MRR
-    gold_context: str = "never"
-    max_context_tokens: int = 768
+    gold_context: str = "never"  # the test condition: put the gold passage into the context?
     max_new_tokens: int = 48
     batch_size: int = 8  # rows per generate call; latency is per call (1 = per request)
     limit: int | None = None  # questions per department: a seeded sample, file order kept
@@ -91,7 +94,7 @@ class EvalConfig:
     n_bootstrap: int = 1000
 
     def check(self) -> None:
-        if self.k < 1 or self.depth < self.k:
+        if self.k is not None and (self.k < 1 or self.depth < self.k):
             raise RagptError(f"need 1 <= k <= depth (k={self.k}, depth={self.depth})")
         if self.gold_context not in GOLD_CONTEXT_MODES:
             raise RagptError(f"gold_context must be one of {GOLD_CONTEXT_MODES}, got {self.gold_context!r}")
@@ -100,9 +103,15 @@ class EvalConfig:
         if self.limit is not None and self.limit < 1:
             raise RagptError("limit must be >= 1")
 
-    def train_config(self, department: str) -> TrainConfig:
-        return TrainConfig(department=department, k=self.k, gold_context=self.gold_context,
-                           max_context_tokens=self.max_context_tokens)
+    def overrides(self) -> dict:
+        return {k: v for k, v in (("k", self.k), ("max_context_tokens", self.max_context_tokens)) if v is not None}
+
+    def train_config(self, department: str, contract: InputContract) -> TrainConfig:
+        """Inputs built as the contract builds them, under this evaluation's gold-context condition."""
+        return TrainConfig(department=department, k=contract.k, max_context_tokens=contract.max_context_tokens,
+                           max_question_tokens=contract.max_question_tokens,
+                           max_history_tokens=contract.max_history_tokens, query_rule=contract.query_rule,
+                           gold_context=self.gold_context)
 
 
 @dataclass
@@ -227,6 +236,7 @@ def soft_method(registry: PromptRegistry, department: str, name: str, version: s
                                                        "max_context_tokens", "seed", "dev_fraction", "dev_max")
                                 if k in hp},
             "training_metrics": sp.meta.get("metrics") or {},
+            "contract": InputContract.from_prompt_meta(sp.meta).to_dict(),
         },
         loss_curve=_read_loss_curve(folder / "loss_curve.json"),
         training_keys=set(keys) if isinstance(keys, list) else None,
@@ -309,22 +319,25 @@ def _served_context(qa: QAExample, example: TrainExample, hits, cfg: EvalConfig,
 
 
 def prepare(retriever: Retriever, tokenizer, qas: list[QAExample], department: str, cfg: EvalConfig,
-            progress: bool = True) -> list[Prepared]:
-    """Build the served inputs and score retrieval; nothing here depends on the method."""
-    examples = build_examples(qas, retriever, tokenizer, cfg.train_config(department), progress)
+            progress: bool = True, contract: InputContract | None = None) -> list[Prepared]:
+    """Build the served inputs and score retrieval; nothing here depends on the method.
+
+    `cfg.k` is the contract's k here (run_evaluation resolves it per department)."""
+    contract = contract or InputContract().apply(cfg.overrides())[0]
+    examples = build_examples(qas, retriever, tokenizer, cfg.train_config(department, contract), progress)
     readable = {c.source for c in retriever.index.chunks.values() if department in c.departments}
     in_index: dict[str, bool] = {}
     out: list[Prepared] = []
     for start in range(0, len(qas), RETRIEVAL_BATCH):
         chunk = qas[start:start + RETRIEVAL_BATCH]
-        questions = [q.question for q in chunk]
+        questions = [ex.query for ex in examples[start:start + RETRIEVAL_BATCH]]  # what the served input searched
         vecs = retriever.embedder.encode(questions) if retriever.dense else None
         served = retriever.search_many(questions, [department] * len(chunk), cfg.k, query_vectors=vecs)
         deep = served if cfg.depth == cfg.k else retriever.search_many(
             questions, [department] * len(chunk), cfg.depth, query_vectors=vecs)
         for qa, ex, s_hits, d_hits in zip(chunk, examples[start:start + RETRIEVAL_BATCH], served, deep):
             t0 = time.perf_counter()
-            retriever.search(qa.question, department, cfg.k)  # timed alone: a request's retrieval latency
+            retriever.search(ex.query, department, cfg.k)  # timed alone: a request's retrieval latency
             ms = 1000 * (time.perf_counter() - t0)
             if qa.doc_id not in in_index:
                 in_index[qa.doc_id] = bool(qa.doc_id) and any(source_matches(s, qa.doc_id) for s in readable)
@@ -346,18 +359,22 @@ def prepare(retriever: Retriever, tokenizer, qas: list[QAExample], department: s
 
 
 def score_method(method: Method, prepared: list[Prepared], department: str, cfg: EvalConfig,
-                 progress: bool = True) -> list[dict]:
-    """Greedy answers for every prepared question, scored per question (0-1)."""
+                 progress: bool = True, contract: InputContract | None = None) -> list[dict]:
+    """Greedy answers for every prepared question, finished by the request path, scored (0-1)."""
     rows: list[dict] = []
     sp = method.soft_prompt
+    contract = contract or InputContract()
     bar = tqdm(total=len(prepared), desc=f"eval {department} {method.name}", disable=not progress, leave=False)
     for i in range(0, len(prepared), cfg.batch_size):
         part = prepared[i:i + cfg.batch_size]
-        # Soft prompts go through the prefix KV cache, as the serving batcher sends them.
-        keys = [("eval", department, method.name)] * len(part) if sp is not None else None
+        # Soft prompts go through the prefix KV cache, as the serving scheduler sends them.
+        requests = [PreparedRequest(
+            request=ChatRequest(p.qa.question, department), department=department, prompt_version=method.name,
+            soft_prompt=sp, prefix_key=("eval", department, method.name) if sp is not None else None,
+            contract=contract, overrides={}, query=p.example.query, hits=list(p.example.hits),
+            built=p.example.built, max_new_tokens=cfg.max_new_tokens, temperature=0.0) for p in part]
         t0 = time.perf_counter()
-        results = method.generator.generate([p.example.prompt_ids for p in part], [sp] * len(part),
-                                            max_new_tokens=cfg.max_new_tokens, prefix_keys=keys)
+        results = generate_answers(method.generator, requests)
         ms = 1000 * (time.perf_counter() - t0)
         for j, (p, r) in enumerate(zip(part, results)):
             g = groundedness(r.text, p.context)
@@ -365,6 +382,7 @@ def score_method(method: Method, prepared: list[Prepared], department: str, cfg:
                 "qid": f"{department}#{i + j}", "department": department, "method": method.name,
                 "id": p.qa.id, "doc_id": p.qa.doc_id, "question": p.qa.question, "answers": p.qa.answers,
                 "prediction": r.text, "finish_reason": r.finish_reason,
+                "citations": [{"source": c.source, "chunk": c.chunk} for c in r.citations],
                 "em": best_over(exact_match, r.text, p.qa.answers),
                 "f1": round(best_over(token_f1, r.text, p.qa.answers), 6),
                 "rouge_l": round(best_over(rouge_l, r.text, p.qa.answers), 6),
@@ -439,13 +457,34 @@ class EvalRun:
     predictions: list[dict]  # one row per (question, method)
 
 
-def input_mismatch(method: Method, cfg: EvalConfig) -> str | None:
-    """How a soft prompt's training inputs differ from this evaluation's (train as you serve)."""
-    hp = method.details.get("hyperparameters", {})
-    evaluated = {"k": cfg.k, "gold_context": cfg.gold_context, "max_context_tokens": cfg.max_context_tokens}
-    diffs = [f"{key} {hp[key]} (evaluated with {value})" for key, value in evaluated.items()
-             if key in hp and hp[key] != value]
-    return f"{method.name} was trained with {', '.join(diffs)}" if diffs else None
+def input_mismatch(method: Method, used: InputContract) -> str | None:
+    """How a soft prompt's input contract differs from the inputs of this evaluation (train as you serve)."""
+    own = method.details.get("contract")
+    if not own:
+        return None
+    _, diff = InputContract.from_dict(own).apply({f: getattr(used, f) for f in OVERRIDABLE})
+    if not diff:
+        return None
+    shown = ", ".join(f"{f} {d['contract']} (evaluated with {d['used']})" for f, d in diff.items())
+    return f"{method.name} was trained with {shown}"
+
+
+def department_contract(plan: Sequence[Method], default: InputContract, cfg: EvalConfig,
+                        notes: list[str], department: str) -> tuple[InputContract, str]:
+    """The contract a department is evaluated with: its first soft method's (what the service applies to
+    that version), else `default`; `cfg.k`/`cfg.max_context_tokens` override it. Other soft methods whose
+    contracts differ get a note."""
+    soft = [m for m in plan if m.kind == "soft" and m.details.get("contract")]
+    base, source = (InputContract.from_dict(soft[0].details["contract"]), f"{soft[0].name}'s input contract") \
+        if soft else (default, "the default input contract")
+    used, diff = base.apply(cfg.overrides())
+    if diff:
+        source += " with " + ", ".join(f"{f} {d['used']}" for f, d in diff.items())
+    for m in soft:
+        mismatch = input_mismatch(m, used)
+        if mismatch:
+            notes.append(f"{department}: {mismatch}; its inputs here differ from those it was trained on")
+    return used, source
 
 
 def _plan_methods(department: str, kinds: Sequence[str], generator: Generator, registry: PromptRegistry | None,
@@ -461,11 +500,7 @@ def _plan_methods(department: str, kinds: Sequence[str], generator: Generator, r
         resolved, skipped = resolve_soft_specs(registry, department, specs)
         notes.extend(skipped)
         for name, version in resolved:
-            m = soft_method(registry, department, name, version, generator, fingerprint, train_qas, dev_qas)
-            mismatch = input_mismatch(m, cfg)
-            if mismatch:
-                notes.append(f"{department}: {mismatch}; its inputs here differ from those it was trained on")
-            plan.append(m)
+            plan.append(soft_method(registry, department, name, version, generator, fingerprint, train_qas, dev_qas))
     if "lora" in kinds:
         if not train_qas:
             raise RagptError(f"--train-data has no questions for {department} (needed by the lora method)")
@@ -490,13 +525,16 @@ def run_evaluation(
     lora: LoraSettings | None = None,
     lora_dir: Path | None = None,
     cfg: EvalConfig | None = None,
+    default_contract: InputContract | None = None,
     allow_overlap: bool = False,
     progress: bool = True,
 ) -> EvalRun:
     """Evaluate every method on every department's questions; refuse on train/test overlap.
 
     `base_model` is the fp32 model the soft prompts were fingerprinted on (and LoRA copies);
-    `generator` may wrap it or its bf16 inference copy.
+    `generator` may wrap it or its bf16 inference copy. Inputs follow `department_contract`;
+    `default_contract` (default: `InputContract()`) is the contract of departments evaluated
+    without a soft prompt, e.g. the settings' (`InputContract.from_settings`).
     """
     from ragpt.softprompts.artifact import base_model_fingerprint
 
@@ -534,16 +572,24 @@ def run_evaluation(
     loss_curves: dict[str, list[dict]] = {}
     bf16_inference = next(generator.model.parameters()).dtype == torch.bfloat16
     for d, qas in sampled.items():
-        prepared = prepare(retriever, generator.tokenizer, qas, d, cfg, progress)
+        contract, contract_source = department_contract(plans[d], default_contract or InputContract(), cfg, notes, d)
+        dcfg = replace(cfg, k=contract.k, max_context_tokens=contract.max_context_tokens)
+        if dcfg.depth < dcfg.k:
+            raise RagptError(f"{d}: need k <= depth (k={dcfg.k} from {contract_source}, depth={dcfg.depth})")
+        d_retriever = retriever if (retriever.dense, retriever.bm25, retriever.rrf_k) == (
+            contract.dense, contract.bm25, contract.rrf_k) else Retriever(
+            retriever.index, retriever.embedder, dense=contract.dense, bm25=contract.bm25, rrf_k=contract.rrf_k)
+        prepared = prepare(d_retriever, generator.tokenizer, qas, d, dcfg, progress, contract)
         all_prepared += prepared
-        dept: dict = {"n": len(qas), "examples_sha256": examples_sha256(qas),
-                      "retrieval": summarise_retrieval(prepared, cfg), "methods": {}, "hygiene": hygiene[d]}
+        dept: dict = {"n": len(qas), "examples_sha256": examples_sha256(qas), "contract": contract.to_dict(),
+                      "contract_source": contract_source,
+                      "retrieval": summarise_retrieval(prepared, dcfg), "methods": {}, "hygiene": hygiene[d]}
         baseline = None
         for m in plans[d]:
             if m.kind == "lora":
-                _train_lora_method(m, base_model, generator, retriever, trains[d], d, cfg, lora, lora_dir,
-                                   bf16_inference, progress)
-            rows = score_method(m, prepared, d, cfg, progress)
+                _train_lora_method(m, base_model, generator, d_retriever, trains[d], d, dcfg, contract, lora,
+                                   lora_dir, bf16_inference, progress)
+            rows = score_method(m, prepared, d, dcfg, progress, contract)
             if m.kind == "lora":
                 m.generator = None  # free the merged copy before the next department
             if m.name == "none":
@@ -598,17 +644,18 @@ def _refuse_leaks(hygiene: dict, allow_overlap: bool) -> list[tuple[str, str, di
 
 
 def _train_lora_method(m: Method, base_model, generator: Generator, retriever: Retriever,
-                       train_qas: list[QAExample], department: str, cfg: EvalConfig, lora: LoraSettings | None,
+                       train_qas: list[QAExample], department: str, cfg: EvalConfig, contract: InputContract,
+                       lora: LoraSettings | None,
                        lora_dir: Path | None, bf16_inference: bool, progress: bool) -> None:
     """Train the LoRA reference on the department's training data, built as the eval's inputs are."""
-    from ragpt.lm.models import inference_model
     from ragpt.training.lora import train_lora
 
     settings = lora or LoraSettings(seed=cfg.seed)
-    examples = build_examples(train_qas, retriever, generator.tokenizer, cfg.train_config(department), progress)
+    examples = build_examples(train_qas, retriever, generator.tokenizer, cfg.train_config(department, contract),
+                              progress)
     res = train_lora(base_model, examples, settings, out_dir=(lora_dir / department) if lora_dir else None,
                      progress=progress)
-    m.generator = Generator(inference_model(res.model, bf16_inference), generator.tokenizer)
+    m.generator = Generator(res.model, generator.tokenizer, bf16=bf16_inference)
     m.trainable_parameters = res.trainable_parameters
     m.bytes = res.adapter_bytes
     m.loss_curve = res.loss_curve

@@ -4,14 +4,15 @@ The department is chosen per call, first match wins:
     1. the input dict's "department" key,
     2. `config["configurable"]["department"]` (e.g. `chain.with_config(configurable={"department": "hr"})`),
     3. the chain's `department` field; "auto" routes the question with ragpt.retrieval.router.
-`batch`/`abatch` answer all inputs, whatever their departments, in ONE `Pipeline.ask_many` call: one
-batched generation in which each row carries its own department's soft prompt.
+`batch`/`abatch` answer all inputs, whatever their departments, in ONE batched generation in which
+each row carries its own department's soft prompt. Requests go through the one request path
+(ragpt.serving.request), as `ragpt ask`, the HTTP service and `ragpt eval` do.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
@@ -20,25 +21,22 @@ from langchain_core.runnables.utils import AddableDict, ConfigurableFieldSpec
 from pydantic import ConfigDict, Field
 
 from ragpt.errors import EmptyQuestionError
-from ragpt.langchain._core import AUTO, Completion, aiter_in_thread, prepare, route, stream_text
-from ragpt.serving.pipeline import Answer, Pipeline, Question
+from ragpt.langchain._core import AUTO, history_from, route
+from ragpt.serving.pipeline import Pipeline
+from ragpt.serving.request import Answer, ChatRequest, generate_answers, prepare, prepare_many, stream_answer
+from ragpt.serving.streaming import aiter_in_thread
 
 ChainInput = str | dict[str, Any]
 ChainOutput = dict[str, Any]
 
 
-@dataclass
-class _Request:
-    question: str
-    department: str
-    prompt: str
-
-
 class RagptChain(RunnableSerializable[ChainInput, ChainOutput]):
     """Retrieve -> department soft prompt -> frozen LM -> answer with its sources.
 
-    Input: a question string, or `{"question": ..., "department": ...}` (department optional).
-    Output: `{"answer": str, "sources": [citation dicts], "department": str, "prompt_version": str | None}`.
+    Input: a question string, or `{"question": ..., "department": ..., "history": [...], "system": ...}`
+    (all but the question optional; history as LangChain messages or {"role", "content"} dicts).
+    Output: `{"answer": str, "sources": [citation dicts], "department": str, "prompt_version": str | None,
+    "contract": dict, "contract_overrides": dict}`.
     `stream`/`astream` yield the sources first (retrieval is done before generation starts), then
     answer text pieces; the chunks add up to what `invoke` returns.
     """
@@ -63,56 +61,63 @@ class RagptChain(RunnableSerializable[ChainInput, ChainOutput]):
         ]
 
     # ------------------------------------------------------------------ requests and answers
-    def _request(self, input: ChainInput, config: RunnableConfig | None) -> _Request:
+    def _request(self, input: ChainInput, config: RunnableConfig | None) -> ChatRequest:
         configurable = (config or {}).get("configurable") or {}
+        fields: Mapping[str, Any] = {}
         if isinstance(input, str):
-            question, department = input, None
+            question = input
         elif isinstance(input, Mapping) and "question" in input:
-            question, department = input["question"], input.get("department")
+            question, fields = input["question"], input
         else:
             raise TypeError(f"RagptChain takes a question string or {{'question': ...}}, got {type(input).__name__}")
         if not isinstance(question, str) or not question.strip():
             raise EmptyQuestionError("the question is empty")
-        department = department or configurable.get("department") or self.department
-        return _Request(question, department, configurable.get("prompt") or self.prompt)
+        department = fields.get("department") or configurable.get("department") or self.department
+        return ChatRequest(question, department, history=history_from(fields.get("history")),
+                           system=fields.get("system"), prompt=configurable.get("prompt") or self.prompt,
+                           overrides={"k": self.k} if self.k is not None else None,
+                           max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+
+    def _route(self, requests: dict[int, ChatRequest]) -> None:
+        auto = [i for i, r in requests.items() if r.department == AUTO]
+        if auto:  # one embedder batch for all routed questions
+            for i, dept in zip(auto, route(self.pipeline, [requests[i].question for i in auto])):
+                requests[i].department = dept
 
     def _answer_many(self, inputs: list[ChainInput], configs: list[RunnableConfig]) -> list[ChainOutput | Exception]:
-        """One output (or the exception of that input) per input, from one `ask_many` call."""
+        """One output (or the exception of that input) per input, from one batched generation."""
         outputs: list[ChainOutput | Exception | None] = [None] * len(inputs)
-        requests: dict[int, _Request] = {}
+        requests: dict[int, ChatRequest] = {}
         for i, (inp, cfg) in enumerate(zip(inputs, configs)):
             try:
                 requests[i] = self._request(inp, cfg)
             except Exception as e:
                 outputs[i] = e
-        auto = [i for i, r in requests.items() if r.department == AUTO]
-        if auto:  # one embedder batch for all routed questions
-            for i, dept in zip(auto, route(self.pipeline, [requests[i].question for i in auto])):
-                requests[i].department = dept
+        self._route(requests)
+        order = list(requests)
+        prepared = prepare_many(self.pipeline, [requests[i] for i in order])
         valid = []
-        for i, r in requests.items():
-            try:  # a bad department or prompt version fails its own input only, not the whole batch
-                self.pipeline.index.check_department(r.department)
-                self.pipeline.resolve_prompt(r.department, r.prompt)
-                valid.append(i)
-            except Exception as e:
-                outputs[i] = e
-        answers = self.pipeline.ask_many(
-            [Question(requests[i].question, requests[i].department, prompt=requests[i].prompt) for i in valid],
-            k=self.k, max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed,
-        )
-        for i, answer in zip(valid, answers):
+        for i, p in zip(order, prepared):  # a bad department or prompt version fails its own input only
+            if isinstance(p, Exception):
+                outputs[i] = p
+            else:
+                valid.append((i, p))
+        answers = generate_answers(self.pipeline.generator, [p for _, p in valid], seed=self.seed)
+        for (i, _), answer in zip(valid, answers):
             outputs[i] = _output(answer)
         return outputs  # type: ignore[return-value]
 
     def _chunks(self, input: ChainInput, config: RunnableConfig | None) -> Iterator[AddableDict]:
-        r = self._request(input, config)
-        p = prepare(self.pipeline, r.question, r.department, prompt=r.prompt, k=self.k)
+        requests = {0: self._request(input, config)}
+        self._route(requests)
+        p = prepare(self.pipeline, requests[0])
         yield AddableDict(answer="", sources=[asdict(c) for c in p.citations], department=p.department,
                           prompt_version=p.prompt_version)
-        for piece in stream_text(self.pipeline, p, Completion(), max_new_tokens=self.max_new_tokens,
-                                 temperature=self.temperature, seed=self.seed):
-            yield AddableDict(answer=piece)
+        for item in stream_answer(self.pipeline.generator, p, seed=self.seed):
+            if isinstance(item, str):
+                yield AddableDict(answer=item)
+            else:
+                yield AddableDict(contract=item.contract, contract_overrides=item.contract_overrides)
 
     # ------------------------------------------------------------------ Runnable: sync
     def _invoke(self, input: ChainInput, run_manager: Any, config: RunnableConfig) -> ChainOutput:
@@ -171,7 +176,8 @@ class RagptChain(RunnableSerializable[ChainInput, ChainOutput]):
 
 def _output(answer: Answer) -> ChainOutput:
     return {"answer": answer.text, "sources": [asdict(c) for c in answer.citations],
-            "department": answer.department, "prompt_version": answer.prompt_version}
+            "department": answer.department, "prompt_version": answer.prompt_version,
+            "contract": answer.contract, "contract_overrides": answer.contract_overrides}
 
 
 def rag_chain(pipeline: Pipeline | str, department: str = AUTO, **fields: Any) -> RagptChain:

@@ -13,8 +13,10 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field
 
-from ragpt.langchain._core import Completion, Prepared, aiter_in_thread, prepare, question_and_history, stream_text
+from ragpt.langchain._core import AUTO, route, split_lc_messages
 from ragpt.serving.pipeline import Pipeline
+from ragpt.serving.request import Answer, ChatRequest, PreparedRequest, generate_answers, prepare, stream_answer
+from ragpt.serving.streaming import aiter_in_thread
 
 _GEN_KWARGS = ("max_new_tokens", "temperature", "seed")
 
@@ -22,11 +24,12 @@ _GEN_KWARGS = ("max_new_tokens", "temperature", "seed")
 class SoftPromptChatModel(BaseChatModel):
     """Answers as the department's assistant: ragpt's template, the department's soft prompt, the frozen LM.
 
-    Messages map onto ragpt's one input builder: the last human message is the question, earlier
-    human/AI messages the history; system messages are ignored (the department's system prompt
-    is part of the template its soft prompt was trained with). With `retrieve=True` the question
-    is answered over the department's top-k chunks (their citations are in `response_metadata`),
-    otherwise the template says that no documents were found.
+    Messages follow ragpt's one rule (ragpt.serving.messages): the last human message is the
+    question, earlier human/AI messages the history, and system messages are appended to the
+    department's system turn. With `retrieve=True` the question is answered over the department's
+    top-k chunks (their citations are in `response_metadata`); otherwise the prompt has no passages,
+    so a system message can carry the context (LangChain's `create_stuff_documents_chain` puts
+    `{context}` there). Inputs are built with the prompt version's input contract.
 
     `max_new_tokens`, `temperature` and `seed` can also be given per call (`model.invoke(m, seed=1)`).
     """
@@ -37,7 +40,7 @@ class SoftPromptChatModel(BaseChatModel):
     department: str  # a department of the pipeline's index, or "auto" (routed per question)
     prompt: str = "active"  # the active version, "none", or a pinned version such as "v3"
     retrieve: bool = False
-    k: int | None = None  # chunks to retrieve; None: settings.k
+    k: int | None = None  # chunks to retrieve; None: the prompt version's contract
     max_new_tokens: int | None = None  # None: settings.max_new_tokens
     temperature: float | None = None  # None: settings.temperature
     seed: int | None = None
@@ -52,50 +55,56 @@ class SoftPromptChatModel(BaseChatModel):
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": self.seed}
 
     # ------------------------------------------------------------------ helpers
-    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None) -> Prepared:
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> PreparedRequest:
         if stop:
             raise ValueError("stop sequences are not supported: generation ends at the model's end-of-turn token")
-        question, history = question_and_history(messages)
-        return prepare(self.pipeline, question, self.department, history=history, prompt=self.prompt, k=self.k,
-                       retrieve=self.retrieve)
+        question, history, system = split_lc_messages(messages)
+        department = route(self.pipeline, [question])[0] if self.department == AUTO else self.department
+        g = self._gen_kwargs(kwargs)
+        return prepare(self.pipeline, ChatRequest(
+            question, department, history=history, system=system, prompt=self.prompt,
+            overrides={"k": self.k} if self.k is not None else None, retrieve=self.retrieve,
+            max_new_tokens=g["max_new_tokens"], temperature=g["temperature"]))
 
     def _gen_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {name: kwargs[name] if kwargs.get(name) is not None else getattr(self, name) for name in _GEN_KWARGS}
 
     @staticmethod
-    def _metadata(p: Prepared, finish_reason: str) -> dict[str, Any]:
-        return {"model_name": "ragpt", "department": p.department, "prompt_version": p.prompt_version,
-                "finish_reason": finish_reason, "citations": [asdict(c) for c in p.citations]}
+    def _metadata(answer: Answer) -> dict[str, Any]:
+        return {"model_name": "ragpt", "department": answer.department, "prompt_version": answer.prompt_version,
+                "finish_reason": answer.finish_reason, "citations": [asdict(c) for c in answer.citations],
+                "contract": answer.contract, "contract_overrides": answer.contract_overrides}
+
+    @staticmethod
+    def _usage(answer: Answer) -> dict[str, int]:
+        u = answer.usage
+        return {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
+                "total_tokens": u["total_tokens"]}
 
     # ------------------------------------------------------------------ sync
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        p = self._prepare(messages, stop)
-        g = self._gen_kwargs(kwargs)
-        s = self.pipeline.settings
-        (res,) = self.pipeline.generator.generate(
-            [p.ids], [p.soft_prompt], max_new_tokens=g["max_new_tokens"] or s.max_new_tokens,
-            temperature=s.temperature if g["temperature"] is None else g["temperature"], seed=g["seed"],
-        )
-        done = Completion(token_ids=res.token_ids, finish_reason=res.finish_reason)
-        message = AIMessage(content=res.text, usage_metadata=done.usage(p),
-                            response_metadata=self._metadata(p, res.finish_reason))
+        p = self._prepare(messages, stop, kwargs)
+        (answer,) = generate_answers(self.pipeline.generator, [p], seed=self._gen_kwargs(kwargs)["seed"])
+        message = AIMessage(content=answer.text, usage_metadata=self._usage(answer),
+                            response_metadata=self._metadata(answer))
         return ChatResult(generations=[ChatGeneration(message=message,
-                                                      generation_info={"finish_reason": res.finish_reason})])
+                                                      generation_info={"finish_reason": answer.finish_reason})])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         # No run_manager.on_llm_new_token here: BaseChatModel reports every yielded chunk itself.
-        p = self._prepare(messages, stop)
-        done = Completion()
-        for piece in stream_text(self.pipeline, p, done, **self._gen_kwargs(kwargs)):
-            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
-        # The last chunk carries what is only known at the end; "last" stops LangChain adding an empty one.
-        yield ChatGenerationChunk(
-            message=AIMessageChunk(content="", usage_metadata=done.usage(p), chunk_position="last",
-                                   response_metadata=self._metadata(p, done.finish_reason)),
-            generation_info={"finish_reason": done.finish_reason},
-        )
+        p = self._prepare(messages, stop, kwargs)
+        for item in stream_answer(self.pipeline.generator, p, seed=self._gen_kwargs(kwargs)["seed"]):
+            if isinstance(item, str):
+                yield ChatGenerationChunk(message=AIMessageChunk(content=item))
+                continue
+            # The last chunk carries what is only known at the end; "last" stops LangChain adding an empty one.
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(content="", usage_metadata=self._usage(item), chunk_position="last",
+                                       response_metadata=self._metadata(item)),
+                generation_info={"finish_reason": item.finish_reason},
+            )
 
     # ------------------------------------------------------------------ async: the model runs in a worker thread
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,

@@ -148,6 +148,15 @@ class PrefixCache:
         return entry
 
 
+def load_generator(settings) -> Generator:
+    """The configured generator, the one way every surface builds it: the model loaded (converted
+    once if it is the embedded default) and, where the `bf16` setting says so, a bf16 inference copy."""
+    from ragpt.lm.models import load_generator_model
+
+    model, tokenizer = load_generator_model(settings)
+    return Generator(model, tokenizer, bf16=resolve_bf16(settings.bf16))
+
+
 class Generator:
     def __init__(self, model, tokenizer, *, bf16: bool = False, prefix_cache_size: int = 64):
         from ragpt.lm.models import inference_model
@@ -179,6 +188,12 @@ class Generator:
             return contextlib.nullcontext()
         device = self.embedding.weight.device.type
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's context window (positions), if its config states one."""
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
 
     @property
     def max_prompt_depth(self) -> int:

@@ -96,9 +96,19 @@ class Retriever:
         filters: dict | Sequence[dict | None] | None = None,
         *,
         query_vectors: np.ndarray | None = None,
+        dense: bool | None = None,
+        bm25: bool | None = None,
+        rrf_k: int | None = None,
     ) -> list[list[RetrievedChunk]]:
         """Search several questions at once (one embedder batch), each with its own department
-        and either shared filters (a dict) or one filter dict (or None) per question."""
+        and either shared filters (a dict) or one filter dict (or None) per question.
+
+        `dense`, `bm25` and `rrf_k` override this retriever's mode for the call (a prompt
+        version's input contract may name another mode than the settings)."""
+        mode = (self.dense if dense is None else dense, self.bm25 if bm25 is None else bm25,
+                self.rrf_k if rrf_k is None else rrf_k)
+        if not (mode[0] or mode[1]):
+            raise ValueError("at least one of dense and bm25 must be on")
         if len(questions) != len(departments):
             raise ValueError("one department per question expected")
         per_question = list(filters) if isinstance(filters, (list, tuple)) else [filters] * len(questions)
@@ -110,15 +120,16 @@ class Retriever:
         for d in set(departments):
             self.index.check_department(d)
         vecs = None
-        if self.dense:
+        if mode[0]:
             vecs = query_vectors if query_vectors is not None else self.embedder.encode(list(questions))
             vecs = np.atleast_2d(vecs).astype(np.float32)
         return [
-            self._search_one(q, d, k, f, None if vecs is None else vecs[i : i + 1])
+            self._search_one(q, d, k, f, None if vecs is None else vecs[i : i + 1], mode)
             for i, (q, d, f) in enumerate(zip(questions, departments, per_question))
         ]
 
-    def _search_one(self, question, department, k, filters, qvec) -> list[RetrievedChunk]:
+    def _search_one(self, question, department, k, filters, qvec, mode) -> list[RetrievedChunk]:
+        use_dense, use_bm25, rrf_k = mode
         allowed = self.index.allowed_ids(department, filters)
         if len(allowed) == 0:
             return []
@@ -126,11 +137,11 @@ class Retriever:
         n_cand = int(min(len(allowed), max(4 * k, 20)))
         dense_hits: list[tuple[int, float]] = []
         bm25_hits: list[tuple[int, float]] = []
-        if self.dense:
+        if use_dense:
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
             scores, ids = self.index.faiss.search(qvec, n_cand, params=params)
             dense_hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-        if self.bm25:
+        if use_bm25:
             bm = self._bm25_index()
             all_scores = bm.scores(question)
             pos = np.searchsorted(bm.ids, allowed)  # allowed ⊂ bm.ids, both sorted
@@ -140,14 +151,14 @@ class Retriever:
 
         dense_map = dict(dense_hits)
         bm25_map = dict(bm25_hits)
-        if self.dense and self.bm25:
+        if use_dense and use_bm25:
             fused: dict[int, float] = {}
             for hits in (dense_hits, bm25_hits):
                 for r, (cid, _) in enumerate(hits, start=1):
-                    fused[cid] = fused.get(cid, 0.0) + 1.0 / (self.rrf_k + r)
+                    fused[cid] = fused.get(cid, 0.0) + 1.0 / (rrf_k + r)
             ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
         else:
-            ranked = dense_hits if self.dense else bm25_hits
+            ranked = dense_hits if use_dense else bm25_hits
         return [
             RetrievedChunk(
                 chunk=self.index.chunks[cid],

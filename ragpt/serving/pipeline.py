@@ -1,95 +1,52 @@
-"""retrieve -> build input -> generate -> answer with citations. The CLI and services call this.
+"""A department-aware RAG pipeline over one index: the parts a request needs, loaded lazily and once.
 
     from ragpt import Pipeline
     answer = Pipeline.open(index="sample").ask("How many vacation days?", department="hr")
-    print(answer.text, answer.citations)
+    print(answer.text, answer.citations, answer.prompt_version, answer.contract)
+
+Answers go through the one request path (`ragpt.serving.request`): the same prepare and finish
+as the HTTP service, LangChain and `ragpt eval`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ragpt.config import Settings, load_settings
-from ragpt.errors import EmptyQuestionError
-from ragpt.lm.generator import Generator, resolve_bf16
-from ragpt.lm.models import Embedder, inference_model, load_embedder, load_generator_model
-from ragpt.lm.template import ContextPassage, Turn, build_prompt_ids
+from ragpt.lm.generator import Generator, load_generator
+from ragpt.lm.models import Embedder, load_embedder
+from ragpt.lm.template import Turn
 from ragpt.retrieval.index import DocumentIndex
 from ragpt.retrieval.search import RetrievedChunk, Retriever
-
-
-@dataclass
-class Citation:
-    source: str
-    title: str
-    chunk: int
-    score: float
-    start: int
-    end: int
-
-    @classmethod
-    def from_hit(cls, hit: RetrievedChunk) -> Citation:
-        c = hit.chunk
-        return cls(source=c.source, title=c.title, chunk=c.chunk, score=round(hit.score, 6),
-                   start=c.start, end=c.end)
-
-
-@dataclass
-class Answer:
-    text: str
-    citations: list[Citation]
-    department: str
-    prompt_version: str | None = None
-    finish_reason: str = "stop"
-    usage: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Question:
-    """One request for `Pipeline.ask_many`."""
-
-    text: str
-    department: str
-    history: Sequence[Turn] = ()
-    soft_prompt: torch.Tensor | None = None  # an explicit tensor wins over `prompt`
-    prompt_version: str | None = None  # label reported with an explicit tensor
-    filters: dict | None = None
-    # Which registry prompt to use: "active" (the department's active version, if any),
-    # "none", or a version such as "v3".
-    prompt: str = "active"
-
-
-def passages_from_hits(hits: Sequence[RetrievedChunk]) -> list[ContextPassage]:
-    return [ContextPassage(text=h.chunk.text, source=h.chunk.source, title=h.chunk.title) for h in hits]
+from ragpt.serving.contract import InputContract
+from ragpt.serving.request import (
+    Answer,
+    ChatRequest,
+    generate_answers,
+    prepare,
+    prepare_many,
+    stream_answer,
+)
 
 
 class Pipeline:
-    """A department-aware RAG pipeline over one index. Models load lazily and once."""
+    """An index, the models, the prompt registry, and the cache of loaded prompt versions."""
 
-    def __init__(
-        self,
-        index: DocumentIndex,
-        settings: Settings,
-        *,
-        embedder: Embedder | None = None,
-        generator: Generator | None = None,
-    ):
+    def __init__(self, index: DocumentIndex, settings: Settings, *, embedder: Embedder | None = None,
+                 generator: Generator | None = None, prefix_cache: bool = True):
         self.index = index
         self.settings = settings
+        self.prefix_cache = prefix_cache  # soft prompts' KV computed once per version and reused
         self._embedder = embedder
         self._generator = generator
         self._retriever: Retriever | None = None
         self._registry = None
-        self._base_model = generator.base_model if generator is not None else None
-        self._prompt_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._prompts: dict[tuple[str, str], tuple[torch.Tensor, InputContract]] = {}
+        self.default_contract = InputContract.from_settings(settings)
         if settings.threads:
             torch.set_num_threads(settings.threads)
 
@@ -108,16 +65,14 @@ class Pipeline:
     @property
     def generator(self) -> Generator:
         if self._generator is None:
-            model, tok = load_generator_model(self.settings)
-            self._generator = Generator(inference_model(model, resolve_bf16(self.settings.bf16)), tok)
-            self._base_model = model  # fp32 original: its fingerprint identifies the base model
+            self._generator = load_generator(self.settings)
         return self._generator
 
     @property
     def retriever(self) -> Retriever:
         if self._retriever is None:
-            s = self.settings
-            self._retriever = Retriever(self.index, self.embedder, dense=s.dense, bm25=s.bm25, rrf_k=s.rrf_k)
+            c = self.default_contract
+            self._retriever = Retriever(self.index, self.embedder, dense=c.dense, bm25=c.bm25, rrf_k=c.rrf_k)
         return self._retriever
 
     @property
@@ -132,117 +87,63 @@ class Pipeline:
             self._registry = PromptRegistry(self.settings.prompt_dir)
         return self._registry
 
-    def resolve_prompt(self, department: str, prompt: str = "active") -> tuple[torch.Tensor | None, str | None]:
-        """(tensor, version) of the soft prompt a request uses; validated and cached per version.
+    # ------------------------------------------------------------------ prompt versions
+    def resolve(self, department: str, prompt: str = "active") -> tuple[torch.Tensor | None, str | None, InputContract]:
+        """(tensor, version, input contract) of the soft prompt a request uses; validated and cached.
 
-        The version is resolved once here, so a request uses one version from start to end even
-        if another is activated meanwhile.
+        The version is resolved once per request, so a request uses one version from start to end
+        even if another is activated meanwhile. No prompt: the settings' contract.
         """
         if prompt in (None, "none"):
-            return None, None
+            return None, None, self.default_contract
+        version = prompt
         if prompt == "active":
-            if department not in self.registry.departments():
-                return None, None
-            version = self.registry.active_version(department)
+            version = self.registry.active_version(department) if department in self.registry.departments() else None
             if version is None:
-                return None, None
-        else:
-            version = prompt
+                return None, None, self.default_contract
         key = (department, version)
-        if key not in self._prompt_cache:
+        if key not in self._prompts:
             from ragpt.softprompts.artifact import base_model_fingerprint
 
             gen = self.generator
-            base = self._base_model or gen.base_model
-            sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(base),
+            sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(gen.base_model),
                                     hidden_size=gen.hidden_size, max_depth=gen.max_prompt_depth)
-            self._prompt_cache[key] = sp.tensor
-        return self._prompt_cache[key], version
+            self._prompts[key] = (sp.tensor, InputContract.from_prompt_meta(sp.meta))
+        tensor, contract = self._prompts[key]
+        return tensor, version, contract
+
+    def prefix_key(self, department: str, version: str | None, soft_prompt: torch.Tensor | None) -> Hashable | None:
+        """The prefix-cache key of a row's soft prompt (registry versions are immutable, so the key
+        names one tensor for good; the cache still compares tensors on every hit)."""
+        if soft_prompt is None or not self.prefix_cache:
+            return None
+        return (str(Path(self.settings.prompt_dir).resolve()), department, version)
 
     # ------------------------------------------------------------------ API
-    def retrieve(
-        self, question: str, department: str, k: int | None = None, filters: dict | None = None
-    ) -> list[RetrievedChunk]:
-        return self.retriever.search(question, department, k or self.settings.k, filters)
+    def retrieve(self, question: str, department: str, k: int | None = None,
+                 filters: dict | None = None) -> list[RetrievedChunk]:
+        return self.retriever.search(question, department, k or self.default_contract.k, filters)
 
-    def ask(
-        self,
-        question: str,
-        department: str,
-        *,
-        k: int | None = None,
-        history: Sequence[Turn] = (),
-        soft_prompt: torch.Tensor | None = None,
-        prompt_version: str | None = None,
-        filters: dict | None = None,
-        prompt: str = "active",
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        seed: int | None = None,
-    ) -> Answer:
-        q = Question(question, department, history, soft_prompt, prompt_version, filters, prompt)
-        return self.ask_many([q], k=k, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)[0]
+    def ask(self, question: str, department: str, *, history: Sequence[Turn] = (), system: str | None = None,
+            prompt: str = "active", k: int | None = None, overrides: Mapping[str, Any] | None = None,
+            filters: dict | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+            seed: int | None = None) -> Answer:
+        """Answer one question with the department's active prompt (or `prompt`: "none", "v3")."""
+        over = {**(overrides or {}), **({"k": k} if k is not None else {})}
+        req = ChatRequest(question, department, history=tuple(history), system=system, prompt=prompt,
+                          overrides=over or None, filters=filters, max_new_tokens=max_new_tokens,
+                          temperature=temperature)
+        return self.ask_many([req], seed=seed)[0]
 
-    def ask_many(
-        self,
-        questions: Sequence[Question],
-        *,
-        k: int | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        seed: int | None = None,
-    ) -> list[Answer]:
-        """Answer several questions (any departments) in one batched generation."""
-        if not questions:
-            return []
-        for q in questions:
-            if not isinstance(q.text, str) or not q.text.strip():
-                raise EmptyQuestionError("the question is empty")
-            self.index.check_department(q.department)
-        s = self.settings
-        k = k or s.k
-        t0 = time.perf_counter()
-        # One embedder batch for all questions, each with its own department and filters.
-        all_hits = self.retriever.search_many(
-            [q.text for q in questions], [q.department for q in questions], k, [q.filters for q in questions]
-        )
-        t1 = time.perf_counter()
-        gen = self.generator
-        prompts = [
-            (q.soft_prompt, q.prompt_version) if q.soft_prompt is not None
-            else self.resolve_prompt(q.department, q.prompt)
-            for q in questions
-        ]
-        rows = [
-            build_prompt_ids(
-                gen.tokenizer, q.text, passages_from_hits(hits), department=q.department,
-                history=q.history, max_context_tokens=s.max_context_tokens,
-            )
-            for q, hits in zip(questions, all_hits)
-        ]
-        results = gen.generate(
-            rows,
-            [p for p, _ in prompts],
-            max_new_tokens=max_new_tokens or s.max_new_tokens,
-            temperature=s.temperature if temperature is None else temperature,
-            seed=seed,
-        )
-        t2 = time.perf_counter()
-        answers = []
-        for q, hits, res, (_, version) in zip(questions, all_hits, results, prompts):
-            answers.append(
-                Answer(
-                    text=res.text,
-                    citations=[Citation.from_hit(h) for h in hits],
-                    department=q.department,
-                    prompt_version=version,
-                    finish_reason=res.finish_reason,
-                    usage={
-                        "prompt_tokens": res.prompt_tokens,
-                        "completion_tokens": len(res.token_ids),
-                        "total_tokens": res.prompt_tokens + len(res.token_ids),
-                    },
-                    timings={"retrieve_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4)},
-                )
-            )
-        return answers
+    def ask_many(self, requests: Sequence[ChatRequest], *, seed: int | None = None) -> list[Answer]:
+        """Answer several requests (any departments and versions) in one batched generation.
+        The first request that cannot be prepared raises its error."""
+        prepared = prepare_many(self, requests)
+        for p in prepared:
+            if isinstance(p, Exception):
+                raise p
+        return generate_answers(self.generator, prepared, seed=seed)
+
+    def stream(self, request: ChatRequest, *, seed: int | None = None) -> Iterator[str | Answer]:
+        """Text pieces as they are generated, then the `Answer`."""
+        return stream_answer(self.generator, prepare(self, request), seed=seed)

@@ -1,10 +1,11 @@
-"""Cross-department micro-batching: concurrent requests share one batched generation.
+"""Cross-department micro-batching: a scheduler over prepared requests.
 
-Requests (`ChatJob`) are queued; one worker thread gathers them for at most `max_wait_ms`
-after the oldest arrived (or until `max_batch_size` are waiting), then answers them together:
-one retrieval batch per pipeline, one `Generator.stream` call in which each row carries its
-own department's soft prompt, taken from the generator's prefix KV cache. The worker is a
-thread so that an asyncio server's event loop stays free while the model runs; callers talk
+Requests (`ChatJob`: a `ChatRequest` and the pipeline it is for) are queued; one worker thread
+gathers them for at most `max_wait_ms` after the oldest arrived (or until `max_batch_size` are
+waiting), prepares them with the one request path (`ragpt.serving.request.prepare_many`), runs
+one `decode` over the rows, in which each row carries its own department's soft prompt from the
+prefix KV cache, and finishes each row with `RowDecoder`. It never formats a prompt. The worker
+is a thread so that an asyncio server's event loop stays free while the model runs; callers talk
 to it through a `Ticket`, whose events (prepared, text deltas, answer) arrive on their loop.
 
 Policies: "mixed" puts any departments in one batch (the point of per-row soft prompts);
@@ -23,17 +24,14 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-
-import torch
 
 from ragpt.errors import RagptError
 from ragpt.lm.generator import Generator
-from ragpt.lm.template import Turn, build_prompt_ids
-from ragpt.retrieval.search import RetrievedChunk
-from ragpt.serving.pipeline import Answer, Citation, Pipeline, passages_from_hits
-from ragpt.softprompts.deep import prompt_tokens
+from ragpt.serving.pipeline import Pipeline
+from ragpt.serving.request import Answer, ChatRequest, PreparedRequest, RowDecoder, decode, prepare_many
+from ragpt.serving.streaming import LoopChannel
 
 POLICIES = ("mixed", "per_department")
 
@@ -48,27 +46,15 @@ class BatcherStopped(RagptError):
 
 @dataclass
 class ChatJob:
-    """One question to answer: what `Pipeline.ask` takes, plus whether to stream text deltas."""
+    """One request to answer, the pipeline (index, registry) it is for, and whether to stream text deltas."""
 
-    question: str
-    department: str
+    request: ChatRequest
     pipeline: Pipeline
-    history: Sequence[Turn] = ()
-    prompt: str = "active"  # "active", "none" or a registry version such as "v3"
-    k: int | None = None
-    max_new_tokens: int | None = None
-    temperature: float | None = None
     stream: bool = False
 
-
-@dataclass
-class Prepared:
-    """What is fixed before generation starts: the prompt version, the citations, the prompt size."""
-
-    department: str
-    prompt_version: str | None
-    citations: list[Citation]
-    prompt_tokens: int  # including soft-prompt positions
+    @property
+    def department(self) -> str:
+        return self.request.department
 
 
 class Ticket:
@@ -80,18 +66,14 @@ class Ticket:
     def __init__(self, job: ChatJob, loop: asyncio.AbstractEventLoop):
         self.job = job
         self.enqueued = time.perf_counter()
-        self._loop = loop
-        self._events: asyncio.Queue = asyncio.Queue()
-        self._cancelled = threading.Event()
-        self._prepared: Prepared | None = None
+        self._channel = LoopChannel(loop)
+        self._cancelled = self._channel.closed  # set by cancel() too
+        self._prepared: PreparedRequest | None = None
         self._answer: Answer | None = None
 
     # -------------------------------------------------------------- worker side
     def _emit(self, kind: str, payload) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, payload))
-        except RuntimeError:  # the submitter's loop is closed: nobody is listening any more
-            self._cancelled.set()
+        self._channel.post(kind, payload)
 
     # -------------------------------------------------------------- submitter side
     @property
@@ -103,7 +85,7 @@ class Ticket:
         self._cancelled.set()
 
     async def _next(self):
-        kind, payload = await self._events.get()
+        kind, payload = await self._channel.get()
         if kind == "error":
             raise payload
         if kind == "prepared":
@@ -112,7 +94,7 @@ class Ticket:
             self._answer = payload
         return kind, payload
 
-    async def prepared(self) -> Prepared:
+    async def prepared(self) -> PreparedRequest:
         """Wait until retrieval and prompt resolution are done (errors of this job are raised here)."""
         while self._prepared is None:
             await self._next()
@@ -133,37 +115,6 @@ class Ticket:
         return self._answer
 
 
-class TextStream:
-    """Incremental detokenisation whose pieces concatenate to the final answer text.
-
-    The answer is `decode(tokens).strip()`; pieces are emitted only up to the last
-    non-whitespace character, and never while a multi-byte character is incomplete.
-    """
-
-    def __init__(self, tokenizer, stop_ids: set[int]):
-        self.tokenizer = tokenizer
-        self.stop_ids = stop_ids
-        self.tokens: list[int] = []
-        self.sent = ""
-
-    def push(self, token: int) -> str:
-        if token in self.stop_ids:
-            return ""
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
-        if text.endswith("\ufffd") or not text.startswith(self.sent):
-            return ""
-        piece, self.sent = text[len(self.sent):], text
-        return piece
-
-    def rest(self, final_text: str) -> str:
-        """Whatever of the final text has not been sent yet."""
-        if not final_text.startswith(self.sent):
-            return ""
-        piece, self.sent = final_text[len(self.sent):], final_text
-        return piece
-
-
 @dataclass
 class BatcherStats:
     batches: int = 0
@@ -178,25 +129,11 @@ class BatcherStats:
         self.departments = (self.departments + [departments])[-keep:]
 
 
-@dataclass
-class _Row:
-    ticket: Ticket
-    ids: list[int]
-    soft: torch.Tensor | None
-    prefix_key: tuple | None
-    prepared: Prepared
-    max_new: int
-    temperature: float
-    text: TextStream | None
-    tokens: list[int] = field(default_factory=list)
-    done: bool = False
-
-
 class MicroBatcher:
     """Gathers concurrent `ChatJob`s into batched generations on one worker thread."""
 
     def __init__(self, generator: Generator, *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
-                 max_queue: int = 64, policy: str = "mixed", prefix_cache: bool = True):
+                 max_queue: int = 64, policy: str = "mixed"):
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
         if policy not in POLICIES:
@@ -206,7 +143,6 @@ class MicroBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.policy = policy
-        self.prefix_cache = prefix_cache
         self.stats = BatcherStats()
         self._waiting: deque[Ticket] = deque()
         self._cond = threading.Condition()
@@ -320,108 +256,50 @@ class MicroBatcher:
         if not rows:
             return
         t1 = time.perf_counter()
-        self.stats.record([r.prepared.department for r in rows])
+        self.stats.record([d.prepared.department for _, d in rows])
         try:
             self._generate(rows, t0, t1)
         except Exception as e:
-            for r in rows:
-                if not r.done:
-                    r.ticket._emit("error", e)
+            for t, d in rows:
+                if not d.done:
+                    t._emit("error", e)
 
-    def _prepare(self, batch: list[Ticket]) -> list[_Row]:
-        """Retrieve (one embedder batch per pipeline and k), resolve prompts, build prompt ids.
-
-        A job whose preparation fails gets its own error; the others go on.
-        """
-        gen = self.generator
-        hits: dict[int, list[RetrievedChunk]] = {}
-        groups: dict[tuple[int, int], list[Ticket]] = {}
+    def _prepare(self, batch: list[Ticket]) -> list[tuple[Ticket, RowDecoder]]:
+        """The one request path's prepare, one call per pipeline; a job that fails gets its own error."""
+        by_pipeline: dict[int, list[Ticket]] = {}
         for t in batch:
-            k = t.job.k or t.job.pipeline.settings.k
-            groups.setdefault((id(t.job.pipeline), k), []).append(t)
-        for (_, k), group in groups.items():
-            retriever = group[0].job.pipeline.retriever
-            try:
-                found = retriever.search_many([t.job.question for t in group], [t.job.department for t in group], k)
-                hits.update({id(t): h for t, h in zip(group, found)})
-            except Exception:  # find which job is at fault: retry one by one
-                for t in group:
-                    try:
-                        hits[id(t)] = retriever.search(t.job.question, t.job.department, k)
-                    except Exception as e:
-                        t._emit("error", e)
+            by_pipeline.setdefault(id(t.job.pipeline), []).append(t)
         rows = []
-        for t in batch:
-            if id(t) not in hits:
-                continue
-            job, pipe = t.job, t.job.pipeline
-            try:
-                # The version is resolved once, here: the request uses it from start to end.
-                soft, version = pipe.resolve_prompt(job.department, job.prompt)
-                ids = build_prompt_ids(
-                    gen.tokenizer, job.question, passages_from_hits(hits[id(t)]), department=job.department,
-                    history=job.history, max_context_tokens=pipe.settings.max_context_tokens,
-                )
-            except Exception as e:
-                t._emit("error", e)
-                continue
-            n_soft = prompt_tokens(soft)
-            prepared = Prepared(department=job.department, prompt_version=version,
-                                citations=[Citation.from_hit(h) for h in hits[id(t)]],
-                                prompt_tokens=len(ids) + n_soft)
-            key = (str(pipe.settings.prompt_dir), job.department, version) \
-                if self.prefix_cache and soft is not None else None
-            rows.append(_Row(
-                ticket=t, ids=ids, soft=soft, prefix_key=key, prepared=prepared,
-                max_new=job.max_new_tokens or pipe.settings.max_new_tokens,
-                temperature=pipe.settings.temperature if job.temperature is None else job.temperature,
-                text=TextStream(gen.tokenizer, gen.stop_ids) if job.stream else None,
-            ))
-            t._emit("prepared", prepared)
+        for group in by_pipeline.values():
+            for t, p in zip(group, prepare_many(group[0].job.pipeline, [t.job.request for t in group])):
+                if isinstance(p, Exception):
+                    t._emit("error", p)
+                    continue
+                rows.append((t, RowDecoder(p, self.generator, stream=t.job.stream)))
+                t._emit("prepared", p)
         return rows
 
-    def _generate(self, rows: list[_Row], t0: float, t1: float) -> None:
-        gen = self.generator
-        steps = gen.stream(
-            [r.ids for r in rows], [r.soft for r in rows],
-            max_new_tokens=[r.max_new for r in rows], temperature=[r.temperature for r in rows],
-            prefix_keys=[r.prefix_key for r in rows],
-        )
+    def _generate(self, rows: list[tuple[Ticket, RowDecoder]], t0: float, t1: float) -> None:
+        steps = decode(self.generator, [d.prepared for _, d in rows])
         try:
             for step in steps:
-                for r, tok in zip(rows, step):
-                    if tok is None or r.done:
+                for (t, d), tok in zip(rows, step):
+                    if tok is None or d.done:
                         continue
-                    r.tokens.append(tok)
-                    if r.text is not None and not r.ticket.cancelled:
-                        piece = r.text.push(tok)
-                        if piece:
-                            r.ticket._emit("delta", piece)
-                    if tok in gen.stop_ids or len(r.tokens) >= r.max_new:
-                        self._finish(r, t0, t1, len(rows))
+                    piece = d.push(tok)
+                    if piece and not t.cancelled:
+                        t._emit("delta", piece)
+                    if d.done:
+                        self._finish(t, d, t0, t1, len(rows))
                 # Nobody is waiting for the remaining rows: stop spending compute on them.
-                if all(r.done or r.ticket.cancelled for r in rows):
+                if all(d.done or t.cancelled for t, d in rows):
                     break
         finally:
             steps.close()
 
-    def _finish(self, r: _Row, t0: float, t1: float, batch_size: int) -> None:
-        r.done = True
-        gen = self.generator
-        stopped = bool(r.tokens) and r.tokens[-1] in gen.stop_ids
-        body = r.tokens[:-1] if stopped else r.tokens
-        text = gen.tokenizer.decode(body, skip_special_tokens=True).strip()
-        if r.text is not None:
-            rest = r.text.rest(text)
-            if rest:
-                r.ticket._emit("delta", rest)
-        p = r.prepared
-        now = time.perf_counter()
-        r.ticket._emit("done", Answer(
-            text=text, citations=p.citations, department=p.department, prompt_version=p.prompt_version,
-            finish_reason="stop" if stopped else "length",
-            usage={"prompt_tokens": p.prompt_tokens, "completion_tokens": len(r.tokens),
-                   "total_tokens": p.prompt_tokens + len(r.tokens)},
-            timings={"queue_s": round(t0 - r.ticket.enqueued, 4), "prepare_s": round(t1 - t0, 4),
-                     "generate_s": round(now - t1, 4), "batch_size": batch_size},
-        ))
+    @staticmethod
+    def _finish(t: Ticket, d: RowDecoder, t0: float, t1: float, batch_size: int) -> None:
+        if t.job.stream and (rest := d.rest()):
+            t._emit("delta", rest)
+        t._emit("done", d.answer(queue_s=round(t0 - t.enqueued, 4), generate_s=round(time.perf_counter() - t1, 4),
+                                 batch_size=batch_size))

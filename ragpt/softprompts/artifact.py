@@ -143,8 +143,12 @@ class SoftPrompt:
         metrics: dict[str, Any] | None = None,
         author: str | None = None,
         extra: dict[str, Any] | None = None,
+        contract: dict[str, Any] | None = None,
     ) -> SoftPrompt:
-        """A new, unregistered prompt (version None). The tensor is copied to float32 CPU."""
+        """A new, unregistered prompt (version None). The tensor is copied to float32 CPU.
+
+        `contract` is the input contract its training inputs were built with (ragpt.serving.contract);
+        serving applies it. Stored as given: this module does not interpret it."""
         t = _plain_if_shallow(_check_tensor(tensor.detach(), "soft prompt"))
         t = t.to(device="cpu", dtype=torch.float32).contiguous().clone()
         if not isinstance(department, str) or not department:
@@ -162,6 +166,7 @@ class SoftPrompt:
             "index_manifest_sha256": index_manifest_sha256,
             "training_data_sha256": training_data_sha256,
             "hyperparameters": dict(hyperparameters or {}),
+            **({"contract": dict(contract)} if contract else {}),
             "metrics": dict(metrics or {}),
             "author": author,
             "created": utc_now(),

@@ -96,6 +96,7 @@ def run_training(
     doc_index = DocumentIndex.open(settings.index_dir, index)
     doc_index.check_department(cfg.department)
     embedder = load_embedder(settings)
+    # The retrieval mode is the settings'; the prompt records it in its input contract.
     retriever = Retriever(doc_index, embedder, dense=settings.dense, bm25=settings.bm25, rrf_k=settings.rrf_k)
     model, tok = load_generator_model(settings)
     if cfg.depth > 1:
@@ -117,6 +118,7 @@ def run_training(
         index_manifest_sha256=doc_index.manifest_sha256(),
         training_data_sha256=result.data_sha256,
         hyperparameters=result.hyperparameters,
+        contract=result.contract,
         metrics=result.metrics,
         author=actor or getpass.getuser(),
         # Hashes of the normalised training questions: eval refuses a test set that overlaps them.

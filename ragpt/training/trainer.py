@@ -34,17 +34,28 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ragpt.atomic import atomic_write_json
+from ragpt.config import CONTRACT_DEFAULTS
 from ragpt.data.qa import QAExample, examples_sha256, split_by_document
 from ragpt.errors import RagptError
 from ragpt.evaluation.metrics import answer_in_text, best_over, exact_match, token_f1
 from ragpt.lm.generator import Generator
 from ragpt.lm.models import inference_model
-from ragpt.lm.template import SYSTEM_PROMPT, ContextPassage, Turn, build_training_ids
+from ragpt.lm.template import (
+    SYSTEM_PROMPT,
+    BuiltPrompt,
+    ContextPassage,
+    PromptTooLongError,
+    QuestionTooLongError,
+    Turn,
+    training_ids,
+)
 from ragpt.retrieval.search import Retriever
+from ragpt.serving.contract import GOLD_CONTEXT_MODES, InputContract
+from ragpt.serving.conversation import retrieval_query
+from ragpt.serving.request import build_inputs, passages_from_hits, retrieve_many
 from ragpt.softprompts.deep import decoder_layers, deep_from_shallow, deep_prompt_inputs
 from ragpt.training.causal_attention import chunked_causal_attention
 
-GOLD_CONTEXT_MODES = ("never", "missed", "always")
 INIT_MODES = ("text", "vocab", "random")
 
 
@@ -62,10 +73,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
-    k: int = 2  # retrieved chunks per example, as served
+    # How the inputs are built: recorded with the prompt as its input contract, applied when it is served.
+    k: int = CONTRACT_DEFAULTS["k"]  # retrieved chunks per example
+    max_context_tokens: int = CONTRACT_DEFAULTS["max_context_tokens"]
+    max_question_tokens: int = CONTRACT_DEFAULTS["max_question_tokens"]
+    max_history_tokens: int = CONTRACT_DEFAULTS["max_history_tokens"]
+    query_rule: str = CONTRACT_DEFAULTS["query_rule"]
     # Put the gold passage in the context: never; when retrieval missed the answer; always.
     gold_context: str = "never"
-    max_context_tokens: int = 768
     max_answer_tokens: int = 64
     dev_fraction: float = 0.15
     dev_max: int = 48
@@ -88,6 +103,13 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise RagptError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
 
+    def contract(self, retriever: Retriever) -> InputContract:
+        """The input contract these settings and the retriever's mode build examples with."""
+        return InputContract(k=self.k, max_context_tokens=self.max_context_tokens,
+                             max_question_tokens=self.max_question_tokens, max_history_tokens=self.max_history_tokens,
+                             dense=retriever.dense, bm25=retriever.bm25, rrf_k=retriever.rrf_k,
+                             query_rule=self.query_rule, gold_context=self.gold_context).check()
+
     def fingerprint(self) -> dict:
         """The settings that must match for a checkpoint to be resumed."""
         d = asdict(self)
@@ -105,6 +127,9 @@ class TrainExample:
     qa: QAExample
     prompt_ids: list[int]  # the serving prompt (for generation-based dev eval)
     retrieval_hit: bool
+    built: BuiltPrompt | None = None  # the serving prompt and what of the request is in it
+    hits: tuple = ()  # what retrieval found (the gold passage, when put in, is not among them)
+    query: str = ""  # what was retrieved with
 
 
 @dataclass
@@ -116,6 +141,7 @@ class TrainResult:
     hyperparameters: dict
     data_sha256: str
     stopped_early: bool = False
+    contract: dict = field(default_factory=dict)  # the input contract the examples were built with
     extra: dict = field(default_factory=dict)
 
 
@@ -193,29 +219,38 @@ def build_examples(
     tokenizer,
     cfg: TrainConfig,
     progress: bool = True,
+    on_skip: Callable[[QAExample, Exception], None] | None = None,
 ) -> list[TrainExample]:
-    """Retrieve with the department's filter, then tokenize with the serving template."""
+    """The request path's two halves (`retrieve_many`, `build_inputs`) under the config's input
+    contract, plus the answer. An example over the question or prompt budget raises, or is handed
+    to `on_skip` and left out."""
+    contract = cfg.contract(retriever)
     out: list[TrainExample] = []
     batch = 64
     for i in tqdm(range(0, len(qas), batch), desc="retrieve", disable=not progress, leave=False):
         chunk = qas[i:i + batch]
-        hits_list = retriever.search_many([q.question for q in chunk], [cfg.department] * len(chunk), cfg.k)
-        for qa, hits in zip(chunk, hits_list):
-            passages = [ContextPassage(h.chunk.text, h.chunk.source, h.chunk.title) for h in hits]
+        histories = [tuple(Turn(t["role"], t["content"]) for t in q.history) for q in chunk]
+        queries = [retrieval_query(q.question, h, contract.query_rule) for q, h in zip(chunk, histories)]
+        hits_list = retrieve_many(retriever, queries, [cfg.department] * len(chunk), contract)
+        for qa, history, hits, query in zip(chunk, histories, hits_list, queries):
+            passages = passages_from_hits(hits)
             hit = any(answer_in_text(qa.answers, p.text) for p in passages)
             gold = gold_passage(qa)
             if gold is not None and (cfg.gold_context == "always" or (cfg.gold_context == "missed" and not hit)):
                 # Replace the lowest-ranked passage: the prompt length stays what serving sees.
                 passages = [gold] + passages[: max(0, cfg.k - 1)]
-            history = [Turn(t["role"], t["content"]) for t in qa.history]
-            answer = qa.answers[0]
-            ans_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: cfg.max_answer_tokens]
-            answer = tokenizer.decode(ans_ids)
-            ids, start = build_training_ids(
-                tokenizer, qa.question, passages, answer, department=cfg.department,
-                history=history, max_context_tokens=cfg.max_context_tokens,
-            )
-            out.append(TrainExample(ids=ids, answer_start=start, qa=qa, prompt_ids=ids[:start], retrieval_hit=hit))
+            ans_ids = tokenizer(qa.answers[0], add_special_tokens=False)["input_ids"][: cfg.max_answer_tokens]
+            try:
+                built = build_inputs(tokenizer, contract, qa.question, passages, department=cfg.department,
+                                     history=history, system=qa.system)
+            except (QuestionTooLongError, PromptTooLongError) as e:
+                if on_skip is None:
+                    raise RagptError(f"example {qa.id or qa.question[:40]!r}: {e}") from e
+                on_skip(qa, e)
+                continue
+            ids, start = training_ids(tokenizer, built, tokenizer.decode(ans_ids))
+            out.append(TrainExample(ids=ids, answer_start=start, qa=qa, prompt_ids=ids[:start], retrieval_hit=hit,
+                                    built=built, hits=tuple(hits), query=query))
     return out
 
 
@@ -428,8 +463,17 @@ def train_prompt(
         raise RagptError("no training examples left after the dev split")
     if cfg.depth > 1:
         check_deep_support(model, cfg.depth)
-    train = build_examples(train_qas, retriever, tokenizer, cfg, progress and main)
-    dev = build_examples(dev_qas, retriever, tokenizer, cfg, progress and main) if dev_qas else []
+    skipped: list[str] = []
+
+    def skip(qa: QAExample, e: Exception) -> None:
+        skipped.append(qa.id or qa.question[:40])
+        if main and len(skipped) <= 3:
+            log(f"skipping example {skipped[-1]!r}: {e}")
+
+    train = build_examples(train_qas, retriever, tokenizer, cfg, progress and main, on_skip=skip)
+    dev = build_examples(dev_qas, retriever, tokenizer, cfg, progress and main, on_skip=skip) if dev_qas else []
+    if skipped and main:
+        log(f"{len(skipped)} example(s) left out: over the question or prompt budget of the input contract")
     lengths = [len(e.ids) for e in train]
     if len(train) < cfg.batch_size:
         raise RagptError(f"{len(train)} training examples, fewer than batch_size={cfg.batch_size}")
@@ -580,6 +624,7 @@ def train_prompt(
         "train_seconds": round(seconds, 1),
         "tokens_per_second": round(tokens_seen * world / max(seconds, 1e-9), 1),
         "processes": world,
+        "examples_over_budget": len(skipped),
     }
     if dev:
         metrics["dev_f1"] = round(best["f1"], 3)
@@ -595,6 +640,7 @@ def train_prompt(
         hyperparameters=asdict(cfg),
         data_sha256=examples_sha256(train_qas + dev_qas),
         stopped_early=stopped_early,
+        contract=cfg.contract(retriever).to_dict(),
     )
 
 

@@ -1,0 +1,331 @@
+"""The one request path: prepare -> generate -> finish, for every surface.
+
+    prepare   check the department; resolve the prompt version (active / pinned / none) and its
+              input contract, apply the caller's overrides; build the retrieval query from the
+              conversation; retrieve inside the department filter; apply the token budgets
+              (question, history trimmed oldest-first, passages, the model's window); build ids
+    generate  `decode`: one `Generator.stream` over prepared rows, soft prompts from the prefix cache
+    finish    `RowDecoder.answer`: the stop rule, detokenisation, citations, usage, the contract used
+
+`ragpt ask` and `Pipeline`, the HTTP service's scheduler, LangChain and `ragpt eval` all call
+these functions; the trainer builds its examples with `retrieve_many` and `build_inputs`, the
+two halves of `prepare`, plus the answer. Surfaces differ only in how they schedule rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ragpt.errors import EmptyQuestionError, RagptError
+from ragpt.lm.template import (
+    BuiltPrompt,
+    ContextPassage,
+    PromptTooLongError,
+    QuestionTooLongError,
+    Turn,
+    build_prompt,
+)
+from ragpt.serving.contract import InputContract
+from ragpt.serving.conversation import retrieval_query
+from ragpt.serving.streaming import Detokenizer
+
+__all__ = ["Answer", "ChatRequest", "Citation", "PreparedRequest", "PromptTooLongError", "QuestionTooLongError",
+           "RowDecoder", "Turn", "build_inputs", "decode", "generate_answers", "prepare", "prepare_many",
+           "retrieve_many", "stream_answer"]
+
+if TYPE_CHECKING:
+    import torch
+
+    from ragpt.lm.generator import Generator
+    from ragpt.retrieval.search import RetrievedChunk, Retriever
+    from ragpt.serving.pipeline import Pipeline
+
+
+# ---------------------------------------------------------------------- what goes in and comes out
+
+
+@dataclass
+class ChatRequest:
+    """One question as any surface hands it in."""
+
+    question: str
+    department: str
+    history: Sequence[Turn] = ()  # earlier turns, oldest first
+    system: str | None = None  # the client's system text (appended to the department's system turn)
+    prompt: str = "active"  # "active", "none" or a registry version such as "v3"
+    overrides: Mapping[str, Any] | None = None  # input-contract fields to change (InputContract.apply)
+    filters: dict | None = None  # metadata filters inside the department (source, title, doc_sha256)
+    retrieve: bool = True  # False: no passages ("no documents found", or the client's system text)
+    max_new_tokens: int | None = None  # None: settings.max_new_tokens
+    temperature: float | None = None  # None: settings.temperature
+    # An explicit tensor instead of a registry version (evaluation methods, experiments), reported
+    # as `prompt_label`.
+    soft_prompt: torch.Tensor | None = None
+    prompt_label: str | None = None
+    # Build with this contract instead of the version's (or, without a prompt, the settings'): for
+    # example no prompt with a version's inputs, for a paired comparison.
+    contract: InputContract | None = None
+
+
+@dataclass
+class Citation:
+    source: str
+    title: str
+    chunk: int
+    score: float
+    start: int
+    end: int
+
+    @classmethod
+    def from_hit(cls, hit: RetrievedChunk) -> Citation:
+        c = hit.chunk
+        return cls(source=c.source, title=c.title, chunk=c.chunk, score=round(hit.score, 6), start=c.start, end=c.end)
+
+
+@dataclass
+class Answer:
+    text: str
+    citations: list[Citation]  # the passages that were in the prompt, in rank order
+    department: str
+    prompt_version: str | None = None
+    finish_reason: str = "stop"
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    contract: dict = field(default_factory=dict)  # the input contract this answer was built with
+    contract_overrides: dict = field(default_factory=dict)  # fields that differ from the version's contract
+    history_turns: int = 0  # earlier turns that fitted the history budget
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PreparedRequest:
+    """Everything fixed before the first token. The scheduler runs it; it never formats a prompt."""
+
+    request: ChatRequest
+    department: str
+    prompt_version: str | None
+    soft_prompt: torch.Tensor | None
+    prefix_key: Hashable | None  # where the soft prompt's KV lives in the generator's prefix cache
+    contract: InputContract
+    overrides: dict
+    query: str  # what was retrieved with
+    hits: list[RetrievedChunk]
+    built: BuiltPrompt
+    max_new_tokens: int
+    temperature: float
+    prepare_s: float = 0.0
+
+    @property
+    def ids(self) -> list[int]:
+        return self.built.ids
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Positions the model attends to before the answer: soft-prompt positions included."""
+        return len(self.built.ids) + (0 if self.soft_prompt is None else int(self.soft_prompt.shape[-2]))
+
+    @property
+    def citations(self) -> list[Citation]:
+        return [Citation.from_hit(h) for h in self.hits[: self.built.passages]]
+
+
+# ---------------------------------------------------------------------- prepare, in two halves
+
+
+def passages_from_hits(hits: Sequence[RetrievedChunk]) -> list[ContextPassage]:
+    return [ContextPassage(text=h.chunk.text, source=h.chunk.source, title=h.chunk.title) for h in hits]
+
+
+def retrieve_many(retriever: Retriever, queries: Sequence[str], departments: Sequence[str], contract: InputContract,
+                  filters: Sequence[dict | None] | None = None) -> list[list[RetrievedChunk]]:
+    """Top-k for each query inside its department, with the contract's k and retrieval mode."""
+    return retriever.search_many(list(queries), list(departments), contract.k, list(filters or [None] * len(queries)),
+                                 dense=contract.dense, bm25=contract.bm25, rrf_k=contract.rrf_k)
+
+
+def build_inputs(tokenizer, contract: InputContract, question: str, passages: Sequence[ContextPassage], *,
+                 department: str, history: Sequence[Turn] = (), system: str | None = None,
+                 window: int | None = None) -> BuiltPrompt:
+    """The input builder under the contract's budgets; `window` (the model's positions left for the
+    prompt, after the answer and the soft prompt) caps the prompt budget."""
+    budget = contract.max_context_tokens if window is None else min(contract.max_context_tokens, window)
+    if budget < 1:
+        raise RagptError(f"no room for a prompt: the model's window leaves {window} positions")
+    return build_prompt(tokenizer, question, passages, department=department, history=history, system=system,
+                        max_prompt_tokens=budget, max_question_tokens=contract.max_question_tokens,
+                        max_history_tokens=contract.max_history_tokens)
+
+
+def _resolve(pipeline: Pipeline, req: ChatRequest) -> tuple[Any, str | None, InputContract, InputContract, dict]:
+    """(soft prompt, version label, version's contract, contract used, overrides diff) for one request."""
+    if not isinstance(req.question, str) or not req.question.strip():
+        raise EmptyQuestionError("the question is empty")
+    pipeline.index.check_department(req.department)
+    if req.soft_prompt is not None:
+        soft, version, base = req.soft_prompt, req.prompt_label, pipeline.default_contract
+    else:
+        soft, version, base = pipeline.resolve(req.department, req.prompt)
+    if req.contract is not None:
+        base = req.contract
+    used, diff = base.apply(req.overrides)
+    return soft, version, base, used, diff
+
+
+def prepare_many(pipeline: Pipeline, requests: Sequence[ChatRequest]) -> list[PreparedRequest | Exception]:
+    """Prepare several requests (any departments, versions, contracts); one embedder batch per
+    retrieval mode. A request that cannot be prepared gets its own exception; the others go on."""
+    t0 = time.perf_counter()
+    out: list[PreparedRequest | Exception | None] = [None] * len(requests)
+    resolved: dict[int, tuple] = {}
+    for i, req in enumerate(requests):
+        try:
+            soft, version, _, used, diff = _resolve(pipeline, req)
+            query = retrieval_query(req.question, req.history, used.query_rule)
+            resolved[i] = (soft, version, used, diff, query)
+        except Exception as e:  # noqa: BLE001 - the request's own error, raised to its caller
+            out[i] = e
+    hits = _retrieve_groups(pipeline, requests, resolved, out)
+    gen = pipeline.generator
+    for i, (soft, version, used, diff, query) in resolved.items():
+        if out[i] is not None:
+            continue
+        req = requests[i]
+        try:
+            max_new = req.max_new_tokens or pipeline.settings.max_new_tokens
+            n_soft = 0 if soft is None else int(gen.check_soft_prompt(soft).shape[-2])
+            window = None if gen.max_positions is None else gen.max_positions - max_new - n_soft
+            built = build_inputs(gen.tokenizer, used, req.question, passages_from_hits(hits[i]),
+                                 department=req.department, history=req.history, system=req.system, window=window)
+            out[i] = PreparedRequest(
+                request=req, department=req.department, prompt_version=version, soft_prompt=soft,
+                prefix_key=pipeline.prefix_key(req.department, version, soft), contract=used, overrides=diff,
+                query=query, hits=hits[i], built=built, max_new_tokens=max_new,
+                temperature=pipeline.settings.temperature if req.temperature is None else req.temperature,
+                prepare_s=round(time.perf_counter() - t0, 4),
+            )
+        except Exception as e:  # noqa: BLE001
+            out[i] = e
+    return out  # type: ignore[return-value]
+
+
+def _retrieve_groups(pipeline: Pipeline, requests: Sequence[ChatRequest], resolved: dict[int, tuple],
+                     out: list) -> dict[int, list]:
+    """Hits per request: one search batch per (k, retrieval mode); a failing batch is retried one by one
+    so that only the request at fault fails."""
+    hits: dict[int, list] = {i: [] for i in resolved}
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, _, used, _, _) in resolved.items():
+        if requests[i].retrieve:
+            groups.setdefault((used.k, used.dense, used.bm25, used.rrf_k), []).append(i)
+    for members in groups.values():
+        contract = resolved[members[0]][2]
+        try:
+            found = retrieve_many(pipeline.retriever, [resolved[i][4] for i in members],
+                                  [requests[i].department for i in members], contract,
+                                  [requests[i].filters for i in members])
+            hits.update(zip(members, found))
+        except Exception:  # noqa: BLE001 - find which request is at fault
+            for i in members:
+                try:
+                    hits[i] = retrieve_many(pipeline.retriever, [resolved[i][4]], [requests[i].department],
+                                            contract, [requests[i].filters])[0]
+                except Exception as e:  # noqa: BLE001
+                    out[i] = e
+    return hits
+
+
+def prepare(pipeline: Pipeline, request: ChatRequest) -> PreparedRequest:
+    (p,) = prepare_many(pipeline, [request])
+    if isinstance(p, Exception):
+        raise p
+    return p
+
+
+# ---------------------------------------------------------------------- generate and finish
+
+
+class RowDecoder:
+    """One prepared request being generated: collects its tokens, streams text, finishes the answer."""
+
+    def __init__(self, prepared: PreparedRequest, generator: Generator, *, stream: bool = False):
+        self.prepared = prepared
+        self.stop_ids = generator.stop_ids
+        self.tokenizer = generator.tokenizer
+        self.tokens: list[int] = []
+        self.done = False
+        self._text = Detokenizer(generator.tokenizer, generator.stop_ids) if stream else None
+
+    def push(self, token: int) -> str:
+        """Add the row's next token; returns the new text piece (always "" unless streaming)."""
+        self.tokens.append(token)
+        if token in self.stop_ids or len(self.tokens) >= self.prepared.max_new_tokens:
+            self.done = True
+        return self._text.push(token) if self._text is not None else ""
+
+    def rest(self) -> str:
+        """The text the streamed pieces have not covered yet (call once, at the end)."""
+        return self._text.finish() if self._text is not None else ""
+
+    def answer(self, **timings: Any) -> Answer:
+        """The stop rule (the end token ends the answer and is not text), text, citations, usage."""
+        p = self.prepared
+        stopped = bool(self.tokens) and self.tokens[-1] in self.stop_ids
+        body = self.tokens[:-1] if stopped else self.tokens
+        n_in, n_out = p.prompt_tokens, len(self.tokens)
+        return Answer(
+            text=self.tokenizer.decode(body, skip_special_tokens=True).strip(),
+            citations=p.citations, department=p.department, prompt_version=p.prompt_version,
+            finish_reason="stop" if stopped else "length",
+            usage={"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
+            timings={"prepare_s": p.prepare_s, **timings},
+            contract=p.contract.to_dict(), contract_overrides=p.overrides, history_turns=p.built.history,
+        )
+
+
+def decode(generator: Generator, rows: Sequence[PreparedRequest], *, seed: int | None = None
+           ) -> Iterator[list[int | None]]:
+    """`Generator.stream` over prepared rows: per step, each row's new token (None once finished)."""
+    return generator.stream([r.ids for r in rows], [r.soft_prompt for r in rows],
+                            max_new_tokens=[r.max_new_tokens for r in rows],
+                            temperature=[r.temperature for r in rows], seed=seed,
+                            prefix_keys=[r.prefix_key for r in rows])
+
+
+def generate_answers(generator: Generator, rows: Sequence[PreparedRequest], *, seed: int | None = None
+                     ) -> list[Answer]:
+    """Answer prepared rows in one batched generation."""
+    if not rows:
+        return []
+    t0 = time.perf_counter()
+    decoders = [RowDecoder(r, generator) for r in rows]
+    steps = decode(generator, rows, seed=seed)
+    try:
+        for step in steps:
+            for d, tok in zip(decoders, step):
+                if tok is not None and not d.done:
+                    d.push(tok)
+    finally:
+        steps.close()
+    generate_s = round(time.perf_counter() - t0, 4)
+    return [d.answer(generate_s=generate_s) for d in decoders]
+
+
+def stream_answer(generator: Generator, row: PreparedRequest, *, seed: int | None = None) -> Iterator[str | Answer]:
+    """Text pieces of one answer as they are generated, then the `Answer` (its text = the pieces joined)."""
+    t0 = time.perf_counter()
+    d = RowDecoder(row, generator, stream=True)
+    steps = decode(generator, [row], seed=seed)
+    try:
+        for (tok,) in steps:
+            if tok is not None and not d.done and (piece := d.push(tok)):
+                yield piece
+    finally:
+        steps.close()  # a consumer that stops early stops the forward passes too
+    if tail := d.rest():
+        yield tail
+    yield d.answer(generate_s=round(time.perf_counter() - t0, 4))

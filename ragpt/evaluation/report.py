@@ -206,7 +206,7 @@ def _quality(results: dict, files: dict) -> list[str]:
 
 def _retrieval(results: dict, files: dict) -> list[str]:
     cfg = results["config"]
-    k = cfg["k"]
+    k = cfg["k"] or "k"  # None: departments used different k (see each one's contract)
     rows = []
     for d, r in [*results["departments"].items(), ("**overall**", None)]:
         r = results["overall"]["retrieval"] if r is None else r["retrieval"]
@@ -367,7 +367,8 @@ def plot_recall(results: dict, path: Path) -> None:
             if any(y is not None for y in ys):
                 ax.plot(ks, [float("nan") if y is None else y for y in ys], style, marker=".",
                         color="black" if d == "overall" else f"C{i}", label=f"{d} ({kind.replace('_', ' ')})")
-    ax.axvline(results["config"]["k"], color="grey", linewidth=0.8, linestyle=":")
+    for k in sorted({dept["retrieval"]["k"] for dept in results["departments"].values()}):
+        ax.axvline(k, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("k (retrieved chunks)")
     ax.set_ylabel("recall@k (%)")
     ax.set_ylim(0, 102)

@@ -607,7 +607,7 @@ def run_evaluation(
     base_all = rows_by_method.get("none")
     overall = {
         "n": sum(v["n"] for v in departments.values()),
-        "retrieval": summarise_retrieval(all_prepared, cfg),
+        "retrieval": summarise_retrieval(all_prepared, replace(cfg, k=_config_used(cfg, departments)["k"])),
         "methods": {name: summarise_method(rows, base_all if name != "none" else None, cfg)
                     for name, rows in rows_by_method.items()},
     }
@@ -619,7 +619,7 @@ def run_evaluation(
                 "instruction": instruction if "instruction" in methods else None,
                 "lora": asdict(lora) if (lora is not None and "lora" in methods) else None,
                 "allow_overlap": allow_overlap},
-        "config": asdict(cfg),
+        "config": _config_used(cfg, departments),
         "departments": departments,
         "overall": overall,
         "loss_curves": loss_curves,
@@ -628,6 +628,16 @@ def run_evaluation(
         "timing": {"seconds": round(time.perf_counter() - t_start, 1)},
     }
     return EvalRun(results=results, predictions=predictions)
+
+
+def _config_used(cfg: EvalConfig, departments: dict) -> dict:
+    """The run's config, with k and the prompt budget as applied (from the contracts) where every
+    department used the same; None where they differ (each department's "contract" says)."""
+    out = asdict(cfg)
+    for name in ("k", "max_context_tokens"):
+        used = {d["contract"][name] for d in departments.values()}
+        out[name] = used.pop() if len(used) == 1 else None
+    return out
 
 
 def _refuse_leaks(hygiene: dict, allow_overlap: bool) -> list[tuple[str, str, dict]]:

@@ -72,6 +72,8 @@ class RagptChain(RunnableSerializable[ChainInput, ChainOutput]):
             raise TypeError(f"RagptChain takes a question string or {{'question': ...}}, got {type(input).__name__}")
         if not isinstance(question, str) or not question.strip():
             raise EmptyQuestionError("the question is empty")
+        if fields.get("system") is not None and not isinstance(fields["system"], str):
+            raise TypeError(f"'system' must be a string, got {type(fields['system']).__name__}")
         department = fields.get("department") or configurable.get("department") or self.department
         return ChatRequest(question, department, history=history_from(fields.get("history")),
                            system=fields.get("system"), prompt=configurable.get("prompt") or self.prompt,

@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from ragpt.errors import RagptError
 
-_EXTRAS = ("department", "prompt_version", "citations", "routing")
+_EXTRAS = ("department", "prompt_version", "citations", "routing", "contract", "contract_overrides")
 _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
 
 
@@ -106,6 +106,7 @@ class RagptServiceChatModel(BaseChatModel):
     max_tokens: int | None = None
     temperature: float | None = None
     k: int | None = None  # ragpt extension: chunks to retrieve
+    contract: dict[str, Any] | None = None  # ragpt extension: input-contract fields to override
     timeout: float = 120.0
 
     @property
@@ -115,7 +116,7 @@ class RagptServiceChatModel(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"base_url": self.base_url, "model": self.model, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "k": self.k}
+                "temperature": self.temperature, "k": self.k, "contract": self.contract}
 
     # ------------------------------------------------------------------ request
     @property
@@ -136,7 +137,7 @@ class RagptServiceChatModel(BaseChatModel):
                 raise ValueError(f"the ragpt service cannot take {type(m).__name__} messages")
             out.append({"role": role, "content": m.text})
         body: dict[str, Any] = {"model": self.model, "messages": out, "stream": stream}
-        for name in ("max_tokens", "temperature", "k"):
+        for name in ("max_tokens", "temperature", "k", "contract"):
             value = kwargs.get(name, getattr(self, name))
             if value is not None:
                 body[name] = value

@@ -95,14 +95,15 @@ def _model_label(department: str, version: str | None) -> str:
 
 
 def _extras(department: str, version: str | None, citations, routing: dict | None, contract: dict,
-            overrides: dict) -> dict:
+            overrides: dict, history_turns: int) -> dict:
     return {"department": department, "prompt_version": version, "citations": citations_json(citations),
-            "routing": routing, "contract": contract, "contract_overrides": overrides}
+            "routing": routing, "contract": contract, "contract_overrides": overrides,
+            "history_turns": history_turns}
 
 
 def completion_json(call: ChatCall, answer: Answer, rid: str, created: int) -> dict:
     extras = _extras(answer.department, answer.prompt_version, answer, call.routing, answer.contract,
-                     answer.contract_overrides)
+                     answer.contract_overrides, answer.history_turns)
     if not call.openai:
         return {"id": rid, "object": "department.chat", "created": created, "answer": answer.text,
                 "finish_reason": answer.finish_reason, "usage": answer.usage, **extras, "timings": answer.timings}
@@ -146,7 +147,7 @@ async def _stream(call: ChatCall, ticket: Ticket, prepared, rid: str, created: i
     try:
         yield _sse(chunk({"role": "assistant", "content": ""},
                          **_extras(prepared.department, prepared.prompt_version, prepared.citations, call.routing,
-                                   prepared.contract.to_dict(), prepared.overrides)))
+                                   prepared.contract.to_dict(), prepared.overrides, prepared.built.history)))
         pieces = ticket.deltas()
         while True:
             try:

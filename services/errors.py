@@ -48,22 +48,24 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+# A library error that is the client's fault: (error class, status, code, param), first match wins.
+_CLIENT_ERRORS = (
+    (EmptyQuestionError, 400, "empty_question", "messages"),
+    (UnknownDepartmentError, 404, "model_not_found", "model"),
+    (QuestionTooLongError, 400, "question_too_long", "messages"),
+    (PromptTooLongError, 400, "prompt_too_long", "messages"),
+    (ContractError, 400, "invalid_contract", "contract"),
+    (MessagesError, 400, "invalid_request", "messages"),
+)
+
+
 def from_ragpt_error(e: Exception) -> ApiError:
     """The status a library error deserves: the client's fault (4xx) or the server's (5xx)."""
     if isinstance(e, ApiError):
         return e
-    if isinstance(e, EmptyQuestionError):
-        return ApiError(400, str(e), code="empty_question", param="messages")
-    if isinstance(e, UnknownDepartmentError):
-        return ApiError(404, str(e), code="model_not_found", param="model")
-    if isinstance(e, QuestionTooLongError):
-        return ApiError(400, str(e), code="question_too_long", param="messages")
-    if isinstance(e, PromptTooLongError):
-        return ApiError(400, str(e), code="prompt_too_long", param="messages")
-    if isinstance(e, ContractError):
-        return ApiError(400, str(e), code="invalid_contract", param="contract")
-    if isinstance(e, MessagesError):
-        return ApiError(400, str(e), code="invalid_request", param="messages")
+    for cls, status, code, param in _CLIENT_ERRORS:
+        if isinstance(e, cls):
+            return ApiError(status, str(e), code=code, param=param)
     if isinstance(e, RagptError):
         return ApiError(500, f"{type(e).__name__}: {e}", code="internal_error", type="server_error")
     return ApiError(500, f"internal error ({type(e).__name__})", code="internal_error", type="server_error")

@@ -101,11 +101,12 @@ def split_chat(messages: list[ChatMessage], limits: LimitsConfig) -> tuple[str, 
         raise ApiError(400, str(e), code="invalid_request", param="messages") from None
 
 
-def check_generation_limits(max_tokens: int | None, k: int | None, limits: LimitsConfig) -> None:
+def check_generation_limits(max_tokens: int | None, k: object, limits: LimitsConfig) -> None:
     if max_tokens is not None and max_tokens > limits.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit of {limits.max_tokens}",
                        code="max_tokens_exceeded", param="max_tokens")
-    if k is not None and k > limits.max_k:
+    # A k that is not an integer is the input contract's to refuse (400 invalid_contract), later.
+    if isinstance(k, int) and not isinstance(k, bool) and k > limits.max_k:
         raise ApiError(400, f"k {k} exceeds the limit of {limits.max_k}", code="k_exceeded", param="k")
 
 

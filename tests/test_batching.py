@@ -9,10 +9,13 @@ import torch
 from conftest import build_tiny_model
 
 from ragpt.lm.generator import Generator, PrefixCache
-from ragpt.lm.template import Turn
+from ragpt.lm.template import Turn, build_prompt
 from ragpt.retrieval.index import DocumentIndex
+from ragpt.serving.contract import InputContract
 from ragpt.serving.pipeline import Pipeline
-from ragpt.serving.scheduler import BatcherStopped, ChatJob, MicroBatcher, Overloaded, TextStream
+from ragpt.serving.request import ChatRequest, prepare_many
+from ragpt.serving.scheduler import BatcherStopped, ChatJob, MicroBatcher, Overloaded
+from ragpt.serving.streaming import Detokenizer
 from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
 from ragpt.softprompts.registry import PromptRegistry, UnknownVersionError
 
@@ -130,26 +133,25 @@ def test_prefix_keys_must_match_the_rows(tiny_model, tiny_tokenizer):
         gen.generate(_rows(tiny_tokenizer)[:2], max_new_tokens=2, prefix_keys=[None])
 
 
-def test_text_stream_pieces_concatenate_to_the_stripped_decoded_text(tiny_tokenizer):
+def test_detokenizer_pieces_concatenate_to_the_stripped_decoded_text(tiny_tokenizer):
     ids = tiny_tokenizer("  Employees get 25 vacation days.  \n", add_special_tokens=False)["input_ids"]
-    ts = TextStream(tiny_tokenizer, {tiny_tokenizer.eos_token_id})
+    ts = Detokenizer(tiny_tokenizer, {tiny_tokenizer.eos_token_id})
     pieces = [ts.push(t) for t in ids] + [ts.push(tiny_tokenizer.eos_token_id)]
     final = tiny_tokenizer.decode(ids, skip_special_tokens=True).strip()
-    assert "".join(pieces) + ts.rest(final) == final == "Employees get 25 vacation days."
+    assert "".join(pieces) + ts.finish() == final == "Employees get 25 vacation days."
     assert sum(1 for p in pieces if p) > 3  # it really streamed
 
 
 @pytest.mark.integration
 def test_real_generator_mixed_departments_with_prefix_cache_equal_each_request_alone(real_generator):
     from ragpt.data.sample import sample_questions
-    from ragpt.lm.template import build_prompt_ids
 
     model, tok = real_generator
     gen = Generator(model, tok, bf16=False)
     scale = float(gen.embedding.weight.std())
     softs = {"hr": _soft(6, gen.hidden_size, 20, scale), "it": _soft(3, gen.hidden_size, 21, scale)}
     depts = ["hr", "it", "finance", "hr"]
-    rows = [build_prompt_ids(tok, sample_questions(d)[i].question, [], department=d)
+    rows = [build_prompt(tok, sample_questions(d)[i].question, [], department=d).ids
             for i, d in enumerate(depts)]
     sp = [softs.get(d) for d in depts]
     keys = [(d, "v1") if d in softs else None for d in depts]
@@ -164,20 +166,30 @@ def test_real_generator_mixed_departments_with_prefix_cache_equal_each_request_a
 
 @pytest.fixture(scope="module")
 def tiny_gen(tiny_tokenizer):
-    return Generator(build_tiny_model(tiny_tokenizer), tiny_tokenizer)
+    """A 4096-position window (its config says 512; its rotary positions work at any length): prompts
+    are capped at the model's window, and one sample chunk alone is ~550 tiny-tokenizer tokens."""
+    model = build_tiny_model(tiny_tokenizer)
+    model.config.max_position_embeddings = 4096
+    return Generator(model, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def pipe(sample_index, real_embedder, tiny_gen, tmp_path_factory):
-    """The sample index with the tiny generator; hr has two approved versions (v1 active), it has v1."""
+    """The sample index with the tiny generator; hr has two approved versions (v1 active), it has v1.
+
+    hr's versions record an input contract (retrieving with the conversation, turns:4); it's v1 is
+    an artifact from before contracts (its hyperparameters give the budget; the question alone is
+    retrieved with)."""
     settings, name = sample_index
     prompt_dir = tmp_path_factory.mktemp("prompts")
     reg = PromptRegistry(prompt_dir)
     fp = base_model_fingerprint(tiny_gen.model)
+    meta = {"hr": {"contract": InputContract(max_context_tokens=2048).to_dict()},
+            "it": {"hyperparameters": {"k": 2, "max_context_tokens": 2048}}}
     for dept, seeds in (("hr", (1, 2)), ("it", (3,))):
         for seed in seeds:
             v = reg.register(SoftPrompt.create(_soft(4 + seed, tiny_gen.hidden_size, seed), department=dept,
-                                               base_fingerprint=fp), actor="test")
+                                               base_fingerprint=fp, **meta[dept]), actor="test")
             reg.approve(dept, v, actor="test")
         reg.activate(dept, "v1", actor="test")
     s = settings.model_copy(update={"prompt_dir": prompt_dir, "max_context_tokens": 2048, "k": 2})
@@ -193,9 +205,9 @@ JOBS = [  # (department, question, prompt, history)
 ]
 
 
-def _job(pipe, dept, q, prompt, history, **kw) -> ChatJob:
-    return ChatJob(question=q, department=dept, pipeline=pipe, prompt=prompt, history=history,
-                   max_new_tokens=MAX_NEW, **kw)
+def _job(pipe, dept, q, prompt, history, system=None, *, stream=False) -> ChatJob:
+    return ChatJob(ChatRequest(q, dept, history=history, system=system, prompt=prompt, max_new_tokens=MAX_NEW),
+                   pipe, stream=stream)
 
 
 async def _queued(batcher: MicroBatcher, n: int) -> None:
@@ -239,6 +251,40 @@ def test_mixed_departments_run_as_one_batch_and_each_answer_equals_asking_alone(
         assert a.timings["batch_size"] == len(JOBS)
     assert [a.prompt_version for a in answers] == ["v1", "v1", None, "v2", None]
     assert len({a.text for a in answers}) == len(answers)
+
+
+def test_the_scheduler_answers_prepared_requests_exactly_as_ask_many(pipe, tiny_gen):
+    """Mixed departments, versions, history, client system text and an override: one ChatJob each."""
+    history = (Turn("user", "How many vacation days do I get in Munich?"), Turn("assistant", "30 working days."))
+    requests = [
+        ChatRequest("What about Austin?", "hr", history=history, system="Answer in one sentence.",
+                    max_new_tokens=MAX_NEW),
+        ChatRequest("How do I connect to the VPN?", "it", system="You talk to a new starter.", max_new_tokens=MAX_NEW),
+        ChatRequest("And who approves it?", "finance",
+                    history=(Turn("user", "I have an invoice of 12,000 EUR."),
+                             Turn("assistant", "Invoices that large need approval.")), max_new_tokens=MAX_NEW),
+        ChatRequest("What is the parental leave policy?", "hr", prompt="v2", history=history,
+                    system="Be brief.", overrides={"k": 1}, max_new_tokens=MAX_NEW),
+        ChatRequest("How long must my password be?", "it", prompt="none", history=history[:1],
+                    system="Name the document.", max_new_tokens=MAX_NEW),
+    ]
+    batcher = MicroBatcher(tiny_gen, max_batch_size=8, max_wait_ms=50)
+    answers = _run_held(batcher, [ChatJob(r, pipe) for r in requests])
+    assert batcher.stats.batch_sizes == [len(requests)]
+    expected = pipe.ask_many(requests)
+
+    def fields(a):
+        return (a.text, a.citations, a.department, a.prompt_version, a.finish_reason, a.usage, a.contract,
+                a.contract_overrides, a.history_turns)
+
+    assert [fields(a) for a in answers] == [fields(e) for e in expected]
+    assert [a.prompt_version for a in answers] == ["v1", "v1", None, "v2", None]
+    assert [a.history_turns for a in answers] == [2, 0, 2, 2, 1]
+    assert answers[3].contract_overrides == {"k": {"contract": 2, "used": 1}} and len(answers[3].citations) == 1
+    # The system text and the history are in the model's input, so the equality covers them.
+    for r, p in zip(requests, prepare_many(pipe, requests)):
+        text = tiny_gen.tokenizer.decode(p.ids)
+        assert all(t.content in text for t in r.history) and (r.system is None or r.system in text)
 
 
 def test_per_department_policy_batches_one_department_at_a_time(pipe, tiny_gen):

@@ -23,16 +23,18 @@ import pytest
 import torch
 from conftest import build_tiny_model
 from fastapi.testclient import TestClient
+
+from ragpt.lm.generator import Generator
+from ragpt.lm.template import Turn, build_prompt, count_tokens
+from ragpt.retrieval.index import DocumentIndex
+from ragpt.serving.contract import InputContract
+from ragpt.serving.pipeline import Pipeline
+from ragpt.serving.request import ChatRequest, passages_from_hits, prepare
+from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
+from ragpt.softprompts.registry import PromptRegistry
 from ragpt_service.app import create_app
 from ragpt_service.auth import hash_api_key
 from ragpt_service.config import ServiceConfig, load_service_config
-
-from ragpt.lm.generator import Generator
-from ragpt.lm.template import Turn
-from ragpt.retrieval.index import DocumentIndex
-from ragpt.serving.pipeline import Pipeline
-from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
-from ragpt.softprompts.registry import PromptRegistry
 
 pytestmark = pytest.mark.integration  # real embedder and sample index
 
@@ -64,9 +66,17 @@ def _config(**over) -> ServiceConfig:
     return ServiceConfig.model_validate(data)
 
 
-def _chat(question: str, *, history: tuple[Turn, ...] = ()) -> list[dict]:
-    return [{"role": "system", "content": "ignored"}] + [{"role": t.role, "content": t.content} for t in history] + \
-        [{"role": "user", "content": question}]
+def _chat(question: str, *, history: tuple[Turn, ...] = (), system: str | None = None) -> list[dict]:
+    """OpenAI messages; a system message only when `system` is given (it is appended to the system turn)."""
+    return ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": t.role, "content": t.content} for t in history] + [{"role": "user", "content": question}]
+
+
+# hr's versions record their input contract, as `ragpt train` writes it (the conversation is
+# retrieved with: query_rule turns:4); it's v1 is an artifact from before contracts: its
+# hyperparameters give k and the prompt budget, and it retrieves with the question alone.
+HR_CONTRACT = InputContract(k=2, max_context_tokens=2048).to_dict()
+IT_HYPERPARAMETERS = {"k": 2, "max_context_tokens": 2048}
 
 
 def _make_registry(root: Path, model) -> Path:
@@ -78,16 +88,26 @@ def _make_registry(root: Path, model) -> Path:
     for dept, n in (("hr", 3), ("it", 1)):
         for i in range(n):
             t = torch.randn(3 + i, hidden, generator=torch.Generator().manual_seed(100 * n + i)) * scale
-            v = reg.register(SoftPrompt.create(t, department=dept, base_fingerprint=fp), actor="test")
+            meta = {"contract": HR_CONTRACT} if dept == "hr" else {"hyperparameters": IT_HYPERPARAMETERS}
+            v = reg.register(SoftPrompt.create(t, department=dept, base_fingerprint=fp, **meta), actor="test")
             if i < 2:
                 reg.approve(dept, v, actor="test")
         reg.activate(dept, "v1", actor="test")
     return root
 
 
+def _tiny_generator(tokenizer) -> Generator:
+    """The tiny generator with a 4096-position window. Its config says 512, and prompts are capped
+    at the model's window: a sample chunk alone is ~550 tiny-tokenizer tokens, so no passage
+    would reach the prompt. Its rotary positions work at any length."""
+    model = build_tiny_model(tokenizer)
+    model.config.max_position_embeddings = 4096
+    return Generator(model, tokenizer)
+
+
 @pytest.fixture(scope="module")
 def gen(tiny_tokenizer):
-    return Generator(build_tiny_model(tiny_tokenizer), tiny_tokenizer)
+    return _tiny_generator(tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +254,8 @@ def test_answers_cite_only_the_departments_own_documents(client, pipe):
     manifest = pipe.index.manifest["documents"]
     for dept, q in (("it", HR_Q), ("finance", IT_Q), ("hr", FIN_Q)):  # questions about another department
         r = client.post(f"/v1/departments/{dept}/chat", headers=_auth("all"),
-                        json={"messages": _chat(q), "max_tokens": 2, "k": 5}).json()
+                        json={"messages": _chat(q), "max_tokens": 2, "k": 5,
+                              "contract": {"max_context_tokens": 3800}}).json()  # room for 5 passages
         assert len(r["citations"]) == 5
         assert all(dept in manifest[c["source"]]["departments"] for c in r["citations"]), r["citations"]
 
@@ -292,6 +313,173 @@ def test_streaming_sends_openai_chunks_that_add_up_to_the_answer(client, pipe):
                        json={"messages": _chat(IT_Q), "max_tokens": MAX_TOKENS, "stream": True})
     events = _sse_events(dept.text)
     assert events[-1]["usage"] == ref.usage and events[-1]["choices"][0]["finish_reason"] == ref.finish_reason
+
+
+# --------------------------------------------------------------------------- what a request puts into the model
+
+
+SYSTEM = "Answer in one short sentence and name the policy you used."
+FOLLOW_UP = "What about Austin?"  # names nothing to search for: the conversation does
+VACATION_HISTORY = (Turn("user", "How many vacation days do I get per year in Munich?"),
+                    Turn("assistant", "Full-time employees in Munich get 30 working days."))
+
+
+def _citations(answer) -> list[dict]:
+    return [{"source": c.source, "title": c.title, "chunk": c.chunk, "score": c.score} for c in answer.citations]
+
+
+def _prompt_passages(pipe, question: str, dept: str, **kw) -> list:
+    """The passages the library puts into this request's prompt, in rank order."""
+    p = prepare(pipe, ChatRequest(question, dept, **kw))
+    return passages_from_hits(p.hits[: p.built.passages])
+
+
+def _soft_tokens(pipe, dept: str) -> int:
+    return int(pipe.resolve(dept)[0].shape[-2])
+
+
+def test_a_system_message_is_appended_to_the_departments_system_turn(client, pipe, gen):
+    def ask(messages):
+        r = client.post("/v1/chat/completions", headers=_auth("hr"),
+                        json={"model": "hr", "messages": messages, "max_tokens": MAX_TOKENS})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    plain, with_system = ask(_chat(HR_Q)), ask(_chat(HR_Q, system=SYSTEM))
+    assert with_system["citations"] == plain["citations"] and len(plain["citations"]) == 2  # retrieval unchanged
+    tok = gen.tokenizer
+    passages = _prompt_passages(pipe, HR_Q, "hr")
+    base = build_prompt(tok, HR_Q, passages, department="hr", max_prompt_tokens=10**6).ids
+    ids = build_prompt(tok, HR_Q, passages, department="hr", system=SYSTEM, max_prompt_tokens=10**6).ids
+    # The client's text goes at the end of the system turn (before its end token), after a blank line.
+    end_of_system = base.index(tok.eos_token_id)
+    added = tok("\n\n" + SYSTEM, add_special_tokens=False)["input_ids"]
+    assert ids == base[:end_of_system] + added + base[end_of_system:]
+    n_soft = _soft_tokens(pipe, "hr")
+    assert plain["usage"]["prompt_tokens"] == len(base) + n_soft
+    assert with_system["usage"]["prompt_tokens"] == len(base) + len(added) + n_soft
+    ref = pipe.ask(HR_Q, "hr", system=SYSTEM, max_new_tokens=MAX_TOKENS)
+    assert with_system["choices"][0]["message"]["content"] == ref.text and with_system["usage"] == ref.usage
+    assert ref.text != pipe.ask(HR_Q, "hr", max_new_tokens=MAX_TOKENS).text  # the model sees it
+    # Several system/developer messages are joined with blank lines; blank ones are dropped.
+    two = ask([{"role": "system", "content": SYSTEM}, {"role": "developer", "content": "Be polite."},
+               {"role": "user", "content": HR_Q}])
+    ref2 = pipe.ask(HR_Q, "hr", system=SYSTEM + "\n\nBe polite.", max_new_tokens=MAX_TOKENS)
+    assert (two["choices"][0]["message"]["content"], two["usage"]) == (ref2.text, ref2.usage)
+    assert two["usage"]["prompt_tokens"] > with_system["usage"]["prompt_tokens"]
+    assert ask(_chat(HR_Q, system="   "))["usage"] == plain["usage"]
+
+
+def test_an_oversized_history_is_trimmed_oldest_first_and_a_too_long_question_is_refused(
+        client, settings, real_embedder, gen, pipe):
+    tok = gen.tokenizer
+    budget = HR_CONTRACT["max_history_tokens"]
+    history = tuple(Turn("user" if i % 2 == 0 else "assistant",
+                         f"Turn {i}: " + "we talked about the Munich office, its teams and their plans. " * (2 + i % 2))
+                    for i in range(6))
+    sizes = [count_tokens(tok, t.content) for t in history]
+    kept = next(n for n in range(6, -1, -1) if sum(sizes[6 - n:]) <= budget)  # the newest turns that fit
+    assert sum(sizes) > budget and 1 < kept < 6  # trimming has to happen
+    assert sum(sizes[:kept]) != sum(sizes[6 - kept:])  # keeping the oldest turns would show
+    with TestClient(_app(settings, real_embedder, gen,
+                         limits={"max_message_chars": 4000, "max_request_bytes": 64 * 1024})) as c:
+        assert max(len(t.content) for t in history) < 4000
+        r = c.post("/v1/departments/hr/chat", headers=_auth("hr"),
+                   json={"messages": _chat(HR_Q, history=history), "max_tokens": MAX_TOKENS})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        passages = _prompt_passages(pipe, HR_Q, "hr", history=history)
+        newest = build_prompt(tok, HR_Q, passages, department="hr", history=history[6 - kept:],
+                              max_prompt_tokens=10**6).ids
+        assert body["usage"]["prompt_tokens"] == len(newest) + _soft_tokens(pipe, "hr")
+        ref = pipe.ask(HR_Q, "hr", history=history, max_new_tokens=MAX_TOKENS)
+        assert (body["answer"], body["usage"], ref.history_turns) == (ref.text, ref.usage, kept)
+        # A question over the contract's 256 question tokens: refused, not cut.
+        long_q = "Please tell me everything about vacation days in Munich and in Austin. " * 12
+        assert count_tokens(tok, long_q.strip()) > HR_CONTRACT["max_question_tokens"] and len(long_q) < 4000
+        for stream in (False, True):
+            r = c.post("/v1/chat/completions", headers=_auth("hr"),
+                       json={"model": "hr", "messages": _chat(long_q), "max_tokens": MAX_TOKENS, "stream": stream})
+            assert "limit is 256" in _error(r, 400, "question_too_long")["message"]
+    # The same bound through the request's contract extension, within the client's small limits.
+    err = _error(client.post("/v1/departments/hr/chat", headers=_auth("hr"),
+                             json={"messages": _chat(HR_Q), "contract": {"max_question_tokens": 8}}),
+                 400, "question_too_long")
+    assert "limit is 8" in err["message"] and count_tokens(tok, HR_Q) > 8
+    # Not even the system turn and the question fit 64 prompt tokens.
+    _error(client.post("/v1/departments/hr/chat", headers=_auth("hr"),
+                       json={"messages": _chat(HR_Q), "contract": {"max_context_tokens": 64}}),
+           400, "prompt_too_long")
+
+
+def test_answers_report_the_input_contract_and_the_callers_overrides(client, pipe, settings):
+    def chat(dept, key="all", **extra):
+        r = client.post(f"/v1/departments/{dept}/chat", headers=_auth(key),
+                        json={"messages": _chat(HR_Q), "max_tokens": MAX_TOKENS, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    hr = chat("hr")
+    assert hr["contract"] == HR_CONTRACT and hr["contract_overrides"] == {}  # stored with the version
+    assert set(hr["contract"]) >= {"k", "max_context_tokens", "max_question_tokens", "max_history_tokens",
+                                   "template", "dense", "bm25", "rrf_k", "query_rule"}
+    # it's v1 predates contracts: its hyperparameters, and the question alone as the retrieval query.
+    assert chat("it")["contract"] == {**InputContract().to_dict(), **IT_HYPERPARAMETERS, "query_rule": "last"}
+    # No prompt version: the settings' values.
+    assert chat("finance")["contract"] == InputContract.from_settings(settings).to_dict()
+    one = chat("hr", contract={"k": 1})
+    assert one["contract_overrides"] == {"k": {"contract": 2, "used": 1}} and one["contract"]["k"] == 1
+    assert len(one["citations"]) == 1 and len(hr["citations"]) == 2
+    ref = pipe.ask(HR_Q, "hr", overrides={"k": 1}, max_new_tokens=MAX_TOKENS)
+    assert (one["answer"], one["citations"], one["contract_overrides"]) == (ref.text, _citations(ref),
+                                                                             ref.contract_overrides)
+    assert chat("hr", k=1)["contract_overrides"] == one["contract_overrides"]
+    assert chat("hr", contract={"k": 2})["contract_overrides"] == {}  # only what differs is listed
+    r = client.post("/v1/chat/completions", headers=_auth("hr"),
+                    json={"model": "hr", "messages": _chat(HR_Q), "max_tokens": MAX_TOKENS, "stream": True,
+                          "contract": {"query_rule": "last", "k": 1}})
+    first = _sse_events(r.text)[0]
+    assert first["contract"] == {**HR_CONTRACT, "query_rule": "last", "k": 1}
+    assert first["contract_overrides"] == {"k": {"contract": 2, "used": 1},
+                                           "query_rule": {"contract": "turns:4", "used": "last"}}
+
+    def bad(contract):
+        return client.post("/v1/chat/completions", headers=_auth("hr"),
+                           json={"model": "hr", "messages": _chat(HR_Q), "contract": contract})
+
+    assert "bogus" in _error(bad({"bogus": 1}), 400, "invalid_contract")["message"]
+    _error(bad({"template": "v2"}), 400, "invalid_contract")  # a fact about the training, not a knob
+    _error(bad({"k": 2.5}), 400, "invalid_contract")
+    _error(bad({"query_rule": "everything"}), 400, "invalid_contract")
+    _error(bad({"dense": False, "bm25": False}), 400, "invalid_contract")
+    _error(bad({"k": 11}), 400, "k_exceeded")  # the service's limit holds for the contract's k too
+
+
+@pytest.mark.parametrize("k", ["2", [2], True, 2.5, {"v": 2}])
+def test_a_contract_k_of_the_wrong_type_is_an_invalid_contract(client, k):
+    r = client.post("/v1/chat/completions", headers=_auth("hr"),
+                    json={"model": "hr", "messages": _chat(HR_Q), "contract": {"k": k}})
+    _error(r, 400, "invalid_contract")
+
+
+def test_a_follow_up_retrieves_with_the_conversation(client, pipe):
+    def chat(**extra):
+        r = client.post("/v1/departments/hr/chat", headers=_auth("hr"),
+                        json={"messages": _chat(FOLLOW_UP, history=VACATION_HISTORY), "max_tokens": MAX_TOKENS,
+                              **extra})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with_conversation, alone = chat(), chat(contract={"query_rule": "last"})
+    assert with_conversation["contract"]["query_rule"] == "turns:4"
+    ref = pipe.ask(FOLLOW_UP, "hr", history=VACATION_HISTORY, max_new_tokens=MAX_TOKENS)
+    assert with_conversation["citations"] == _citations(ref) and with_conversation["answer"] == ref.text
+    assert with_conversation["citations"] != alone["citations"]
+    # "What about Austin?" alone finds nothing about vacation; with the conversation it finds the policy.
+    assert {c["source"].rsplit("/", 1)[-1] for c in with_conversation["citations"]} == {"vacation-policy.txt"}
+    assert all(not c["source"].endswith("vacation-policy.txt") for c in alone["citations"])
+    assert alone["citations"] == _citations(pipe.ask(FOLLOW_UP, "hr", max_new_tokens=1))  # the question alone
+    assert alone["contract_overrides"] == {"query_rule": {"contract": "turns:4", "used": "last"}}
 
 
 # --------------------------------------------------------------------------- configured behaviour
@@ -558,15 +746,17 @@ def test_real_generator_through_the_service_equals_the_pipeline(sample_index, re
     model, tok = real_generator
     real = Generator(model, tok, bf16=False)
     s, _ = sample_index
-    s = s.model_copy(update={"prompt_dir": _make_registry(tmp_path / "prompts", model), "k": 1})
-    ref_pipe = Pipeline(DocumentIndex.open(s.index_dir, "sample"), s, embedder=real_embedder, generator=real)
+    s = s.model_copy(update={"prompt_dir": _make_registry(tmp_path / "prompts", model)})
+    ref_pipe = Pipeline(DocumentIndex.open(s.index_dir, "sample"), s, embedder=real_embedder, generator=real,
+                        prefix_cache=False)
     app = create_app(_config(), s, embedder=real_embedder, generator=real, background_load=False)
     with TestClient(app) as c:
         r = c.post("/v1/chat/completions", headers=_auth("all"),
-                   json={"model": "hr", "messages": _chat(HR_Q), "max_tokens": MAX_TOKENS})
+                   json={"model": "hr", "messages": _chat(HR_Q), "max_tokens": MAX_TOKENS, "k": 1})
         assert r.status_code == 200, r.text
         body = r.json()
-    ref = ref_pipe.ask(HR_Q, "hr", max_new_tokens=MAX_TOKENS)  # soft prompt inline, no prefix cache
+    # The soft prompt inline, no prefix cache; k=1 as in the request (hr's contract says 2).
+    ref = ref_pipe.ask(HR_Q, "hr", k=1, max_new_tokens=MAX_TOKENS)
     assert body["prompt_version"] == ref.prompt_version == "v1"
     assert body["choices"][0]["message"]["content"] == ref.text and ref.text
     assert real.prefix_cache.misses == 1  # the service used the cached prefix

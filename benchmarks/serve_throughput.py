@@ -34,9 +34,7 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `services` is imported from the repository when not installed
-
-from ragpt_service.auth import hash_api_key  # noqa: E402
+sys.path.insert(0, str(ROOT))  # ragpt from this checkout when it is not installed
 
 from ragpt.config import load_settings  # noqa: E402
 from ragpt.data.ingest import ingest  # noqa: E402
@@ -44,6 +42,7 @@ from ragpt.data.sample import SAMPLE_DEPARTMENTS, SAMPLE_DIR, department_dir, sa
 from ragpt.lm.models import load_embedder, load_generator_model  # noqa: E402
 from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint  # noqa: E402
 from ragpt.softprompts.registry import PromptRegistry  # noqa: E402
+from ragpt_service.auth import hash_api_key  # noqa: E402
 
 DEPARTMENTS = [*SAMPLE_DEPARTMENTS, "legal"]
 LEGAL_SHARED = ["hr/code-of-conduct-summary.md", "it/email-retention-policy.html",

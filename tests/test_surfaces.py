@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, free_port
 from typer.testing import CliRunner
 
 from ragpt.config import Settings
@@ -84,12 +83,6 @@ def _cli_flags(settings: Settings) -> list[str]:
             "--generator", settings.generator, "--bf16", "off", "--cache-dir", str(settings.cache_dir)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(world):
     """`ragpt serve` as a user starts it, on 127.0.0.1, until the module ends (bounded waits)."""
@@ -97,7 +90,7 @@ def served(world):
     config = root / "serve.toml"
     config.write_text(f'index = "{index}"\n[departments.hr]\napi_keys = ["{hash_api_key(KEY)}"]\n'
                       "[batching]\nmax_wait_ms = 1\n", encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAGPT_MAX_NEW_TOKENS": str(MAX_NEW)}
     proc = subprocess.Popen([sys.executable, "-m", "ragpt.cli", *_cli_flags(settings), "serve", "--config",
                              str(config), "--port", str(port), "--log-level", "warning"],

@@ -55,6 +55,20 @@ def resolve_bf16(setting: str | bool) -> bool:
 
 
 @dataclass
+class DecodeState:
+    """A batch being decoded: its KV cache, attention mask, each row's last position and next-token logits."""
+
+    cache: object  # a transformers DynamicCache, (B, kv_heads, S, head_dim) per layer
+    mask: torch.Tensor  # (B, S): 1 where a row has a real position
+    pos: torch.Tensor  # (B, 1): position id of each row's last token
+    logits: torch.Tensor  # (B, vocab) float32
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int]
     text: str
@@ -294,37 +308,25 @@ class Generator:
                 mask[i, S - p.n_tokens:] = 1
         return DynamicCache(data, config=self.model.config), mask, S
 
-    # ------------------------------------------------------------------ decoding
-    @torch.inference_mode()
-    def stream(
-        self,
-        rows: Sequence[Sequence[int]],
-        soft_prompts: Sequence[torch.Tensor | None] | None = None,
-        *,
-        max_new_tokens: int | Sequence[int] = 128,
-        temperature: float | Sequence[float] = 0.0,
-        seed: int | None = None,
-        prefix_keys: Sequence[Hashable | None] | None = None,
-    ) -> Iterator[list[int | None]]:
-        """Yield, per decoding step, the new token of each row (None once a row has finished).
+    # ------------------------------------------------------------------ decoding primitives
+    # A scheduler composes these: `prefill` rows (all at once, or a long prompt in chunks with
+    # `extend`), `merge` them into the running batch, `pick` each row's next token, `select` the
+    # rows that go on, `advance` them one token. `stream` is the static composition of the same.
 
-        `prefix_keys[i]` (e.g. (department, version)) lets row i's soft prompt come from the
-        prefix KV cache under that key instead of being run through the model again. Rows with
-        no key, or no soft prompt, are embedded as before. Greedy output is the same either way.
-        """
+    @torch.inference_mode()
+    def prefill(self, rows: Sequence[Sequence[int]], soft_prompts: Sequence[torch.Tensor | None] | None = None,
+                prefix_keys: Sequence[Hashable | None] | None = None) -> DecodeState:
+        """Run the prompts of `rows` (left-padded into one batch) and return their decode state.
+
+        `prefix_keys[i]` (e.g. (department, version)) lets row i's soft prompt come from the prefix
+        KV cache under that key instead of being run through the model again. Rows with no key, or
+        no soft prompt, are embedded as before. Greedy output is the same either way."""
         from transformers import DynamicCache
 
         B = len(rows)
-        if B == 0:
-            return
-        if any(len(r) == 0 for r in rows):
-            raise ValueError("every row needs at least one token")
+        if B == 0 or any(len(r) == 0 for r in rows):
+            raise ValueError("prefill needs at least one row, each with at least one token")
         soft_prompts = list(soft_prompts) if soft_prompts is not None else [None] * B
-        max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        temps = [float(temperature)] * B if isinstance(temperature, (int, float)) else list(temperature)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        temps_t = torch.tensor(temps, dtype=torch.float32)
-
         if prefix_keys is not None and len(prefix_keys) != B:
             raise ValueError("one prefix key (or None) per row expected")
         keys = list(prefix_keys) if prefix_keys is not None else [None] * B
@@ -355,17 +357,95 @@ class Generator:
         else:
             cache = DynamicCache(config=self.model.config)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self.autocast():
+            out = self.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True,
+                             logits_to_keep=1, **{self._cache_kw: cache})
+        return DecodeState(output_cache(out), mask, pos[:, -1:], out.logits[:, -1, :].float())
+
+    @torch.inference_mode()
+    def extend(self, state: DecodeState, ids: Sequence[int]) -> DecodeState:
+        """Feed more prompt tokens to a one-row state: the next chunk of a long prompt's prefill."""
+        if state.size != 1 or not ids:
+            raise ValueError("extend takes a one-row state and at least one token")
+        n = len(ids)
+        device = state.mask.device
+        mask = torch.cat([state.mask, torch.ones((1, n), dtype=state.mask.dtype, device=device)], dim=1)
+        pos = state.pos + torch.arange(1, n + 1, device=device)[None]
+        with self.autocast():
+            out = self.model(input_ids=torch.tensor([list(ids)], device=device), attention_mask=mask,
+                             position_ids=pos, use_cache=True, logits_to_keep=1, **{self._cache_kw: state.cache})
+        return DecodeState(output_cache(out), mask, pos[:, -1:], out.logits[:, -1, :].float())
+
+    @torch.inference_mode()
+    def advance(self, state: DecodeState, tokens: torch.Tensor) -> DecodeState:
+        """One decoding step: every row takes its token (B,) and gets the logits of the next."""
+        mask = torch.cat([state.mask, torch.ones((state.size, 1), dtype=state.mask.dtype,
+                                                 device=state.mask.device)], dim=1)
+        pos = state.pos + 1
+        with self.autocast():
+            out = self.model(input_ids=tokens[:, None].to(state.mask.device), attention_mask=mask,
+                             position_ids=pos, use_cache=True, **{self._cache_kw: state.cache})
+        return DecodeState(output_cache(out), mask, pos, out.logits[:, -1, :].float())
+
+    def merge(self, states: Sequence[DecodeState]) -> DecodeState:
+        """One batch of several states' rows: caches and masks left-padded to the longest."""
+        from transformers import DynamicCache
+
+        if len(states) == 1:
+            return states[0]
+        S = max(s.mask.shape[1] for s in states)
+        layers = []
+        for layer in range(len(states[0].cache.layers)):
+            ks, vs = [], []
+            for s in states:
+                k, v = s.cache.layers[layer].keys, s.cache.layers[layer].values
+                pad = S - k.shape[2]
+                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
+                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
+            layers.append((torch.cat(ks), torch.cat(vs)))
+        mask = torch.cat([torch.nn.functional.pad(s.mask, (S - s.mask.shape[1], 0)) for s in states])
+        return DecodeState(DynamicCache(layers, config=self.model.config), mask,
+                           torch.cat([s.pos for s in states]), torch.cat([s.logits for s in states]))
+
+    def select(self, state: DecodeState, rows: Sequence[int]) -> DecodeState:
+        """The state of `rows` only (finished rows leave), without the padding columns they no longer need."""
+        from transformers import DynamicCache
+
+        idx = torch.tensor(list(rows), dtype=torch.long, device=state.mask.device)
+        mask = state.mask.index_select(0, idx)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        layers = [(layer.keys.index_select(0, idx)[:, :, start:], layer.values.index_select(0, idx)[:, :, start:])
+                  for layer in state.cache.layers]
+        return DecodeState(DynamicCache(layers, config=self.model.config), mask[:, start:],
+                           state.pos.index_select(0, idx), state.logits.index_select(0, idx))
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        rows: Sequence[Sequence[int]],
+        soft_prompts: Sequence[torch.Tensor | None] | None = None,
+        *,
+        max_new_tokens: int | Sequence[int] = 128,
+        temperature: float | Sequence[float] = 0.0,
+        seed: int | None = None,
+        prefix_keys: Sequence[Hashable | None] | None = None,
+    ) -> Iterator[list[int | None]]:
+        """Yield, per decoding step, the new token of each row (None once a row has finished)."""
+        B = len(rows)
+        if B == 0:
+            return
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("every row needs at least one token")
+        max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        temps = [float(temperature)] * B if isinstance(temperature, (int, float)) else list(temperature)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        temps_t = torch.tensor(temps, dtype=torch.float32)
+        state = self.prefill(rows, soft_prompts, prefix_keys)
         done = torch.zeros(B, dtype=torch.bool)
         produced = [0] * B
-        with self.autocast():
-            out = self.model(
-                inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
-            )
-        cache = output_cache(out)
-        logits = out.logits[:, -1, :].float()
         for _step in range(max(max_new)):
-            nxt = self._pick(logits, temps_t, gen)
+            nxt = self.pick(state.logits, temps_t, gen)
             step: list[int | None] = []
             for i in range(B):
                 if done[i]:
@@ -379,19 +459,11 @@ class Generator:
             yield step
             if bool(done.all()):
                 return
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype)], dim=1)
-            pos = pos[:, -1:] + 1
-            with self.autocast():
-                out = self.model(
-                    input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    use_cache=True, **{self._cache_kw: cache},
-                )
-            cache = output_cache(out)
-            logits = out.logits[:, -1, :].float()
+            state = self.advance(state, torch.where(done, torch.full_like(nxt, self.pad_id), nxt))
 
     @staticmethod
-    def _pick(logits: torch.Tensor, temps: torch.Tensor, gen) -> torch.Tensor:
+    def pick(logits: torch.Tensor, temps: torch.Tensor, gen=None) -> torch.Tensor:
+        """Each row's next token: greedy where its temperature is 0, sampled otherwise."""
         greedy = logits.argmax(-1)
         if not bool((temps > 0).any()):
             return greedy

@@ -258,10 +258,14 @@ class RowDecoder:
         self.tokenizer = generator.tokenizer
         self.tokens: list[int] = []
         self.done = False
+        self.timings: dict[str, float] = {}  # a scheduler's own (queue time); the answer reports them
+        self._t0 = time.perf_counter()
         self._text = Detokenizer(generator.tokenizer, generator.stop_ids) if stream else None
 
     def push(self, token: int) -> str:
         """Add the row's next token; returns the new text piece (always "" unless streaming)."""
+        if not self.tokens:
+            self.timings["first_token_s"] = round(time.perf_counter() - self._t0, 4)
         self.tokens.append(token)
         if token in self.stop_ids or len(self.tokens) >= self.prepared.max_new_tokens:
             self.done = True
@@ -282,7 +286,8 @@ class RowDecoder:
             citations=p.citations, department=p.department, prompt_version=p.prompt_version,
             finish_reason="stop" if stopped else "length",
             usage={"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
-            timings={"prepare_s": p.prepare_s, **timings},
+            timings={"prepare_s": p.prepare_s, "generate_s": round(time.perf_counter() - self._t0, 4),
+                     **self.timings, **timings},
             contract=p.contract.to_dict(), contract_overrides=p.overrides, history_turns=p.built.history,
         )
 

@@ -27,8 +27,10 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import torch
+
 from ragpt.errors import RagptError
-from ragpt.lm.generator import Generator
+from ragpt.lm.generator import DecodeState, Generator
 from ragpt.serving.pipeline import Pipeline
 from ragpt.serving.request import Answer, ChatRequest, PreparedRequest, RowDecoder, decode, prepare_many
 from ragpt.serving.streaming import LoopChannel
@@ -303,3 +305,157 @@ class MicroBatcher:
             t._emit("delta", rest)
         t._emit("done", d.answer(queue_s=round(t0 - t.enqueued, 4), generate_s=round(time.perf_counter() - t1, 4),
                                  batch_size=batch_size))
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A prepared row whose prompt is being run, possibly in chunks over several steps."""
+
+    ticket: Ticket
+    decoder: RowDecoder
+    offset: int = 0  # prompt tokens already run
+    state: DecodeState | None = None
+
+    @property
+    def remaining(self) -> int:
+        return len(self.decoder.prepared.ids) - self.offset
+
+
+class ContinuousBatcher(MicroBatcher):
+    """Iteration-level scheduling over prepared requests.
+
+    Each step of the worker: admit waiting requests while the batch has room (prepared with the
+    one request path), run prompts under a per-step token budget (`max_prefill_tokens`: short
+    prompts whole and batched, a long one in chunks, so it never stalls the others for more than
+    one chunk per step), merge the rows whose prompt is done into the running batch, then give
+    every running row its next token. A finished or cancelled row leaves at once and its slot is
+    free for the next step. Each row keeps its own department's soft prompt (prefix KV cache), and
+    greedy output equals running the request alone.
+    """
+
+    def __init__(self, generator: Generator, *, max_batch_size: int = 8, max_queue: int = 64,
+                 max_prefill_tokens: int = 256, policy: str = "mixed"):
+        super().__init__(generator, max_batch_size=max_batch_size, max_wait_ms=0, max_queue=max_queue,
+                         policy=policy)
+        if max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be >= 1")
+        self.max_prefill_tokens = max_prefill_tokens
+        self.steps = 0  # decode steps run (for tests and metrics)
+
+    def _loop(self) -> None:
+        running: list[tuple[Ticket, RowDecoder]] = []
+        state: DecodeState | None = None
+        prefilling: deque[_Prefill] = deque()
+        while True:
+            with self._cond:
+                while self._running and not running and not prefilling and (self._held or not self._waiting):
+                    self._cond.wait()
+                if not self._running:
+                    break
+                room = self.max_batch_size - len(running) - len(prefilling)
+                admitted = self._admit(room) if room > 0 and not self._held else []
+            try:
+                if admitted:
+                    t0 = time.perf_counter()
+                    for t, d in self._prepare(admitted):
+                        d.timings["queue_s"] = round(t0 - t.enqueued, 4)
+                        prefilling.append(_Prefill(t, d))
+                ready = self._prefill_step(prefilling)
+                if ready:
+                    states = [s for s, _ in ready] if state is None else [state, *(s for s, _ in ready)]
+                    state = self.generator.merge(states)
+                    joined = [row for _, rows in ready for row in rows]
+                    running += joined
+                    self.stats.record([d.prepared.department for _, d in joined])
+                if running:
+                    state, running = self._decode_step(state, running)
+            except Exception as e:  # a bug, not a bad request: fail what is in flight, keep the worker alive
+                for t, _ in running:
+                    t._emit("error", e)
+                for p in prefilling:
+                    p.ticket._emit("error", e)
+                running, state, prefilling = [], None, deque()
+        for t, _ in running:
+            t._emit("error", BatcherStopped("the service is shutting down"))
+        for p in prefilling:
+            p.ticket._emit("error", BatcherStopped("the service is shutting down"))
+
+    def _admit(self, room: int) -> list[Ticket]:
+        live = [t for t in self._waiting if not t.cancelled][:room]
+        chosen = {id(t) for t in live}
+        self._waiting = deque(t for t in self._waiting if id(t) not in chosen and not t.cancelled)
+        return live
+
+    def _prefill_step(self, prefilling: deque[_Prefill]) -> list[tuple[DecodeState, list[tuple[Ticket, RowDecoder]]]]:
+        """Run prompts within this step's token budget; return (state, rows) of the prompts now complete.
+
+        The budget goes to the prompts with the fewest tokens left first (short prompts start decoding
+        soon), except that the oldest prompt, when it is long, keeps half of it (it always progresses).
+        Prompts run whole from the start share one batched prefill; the others advance by a chunk."""
+        for p in [p for p in prefilling if p.ticket.cancelled]:
+            prefilling.remove(p)
+        if not prefilling:
+            return []
+        oldest = prefilling[0]
+        reserve = self.max_prefill_tokens // 2 if oldest.remaining > self.max_prefill_tokens // 2 else 0
+        left = self.max_prefill_tokens - reserve
+        plan: dict[int, int] = {}  # id(prefill) -> tokens this step
+        for p in sorted(prefilling, key=lambda p: p.remaining):
+            if left <= 0:
+                break
+            if p is oldest and reserve:
+                continue
+            plan[id(p)] = min(p.remaining, left)
+            left -= plan[id(p)]
+        if reserve:
+            plan[id(oldest)] = min(oldest.remaining, reserve + left)
+        gen = self.generator
+        ready = []
+        whole = [p for p in prefilling if id(p) in plan and p.offset == 0 and plan[id(p)] == p.remaining]
+        if whole:
+            rows = [p.decoder.prepared for p in whole]
+            state = gen.prefill([r.ids for r in rows], [r.soft_prompt for r in rows], [r.prefix_key for r in rows])
+            ready.append((state, [(p.ticket, p.decoder) for p in whole]))
+            for p in whole:
+                p.offset = len(p.decoder.prepared.ids)
+        for p in [p for p in prefilling if id(p) in plan and p.remaining > 0]:
+            r = p.decoder.prepared
+            piece = r.ids[p.offset:p.offset + plan[id(p)]]
+            if p.offset == 0:
+                p.state = gen.prefill([piece], [r.soft_prompt], [r.prefix_key])
+            else:
+                p.state = gen.extend(p.state, piece)
+            p.offset += len(piece)
+            if p.remaining == 0:
+                ready.append((p.state, [(p.ticket, p.decoder)]))
+        for p in [p for p in prefilling if p.remaining == 0]:
+            prefilling.remove(p)
+        return ready
+
+    def _decode_step(self, state: DecodeState, running: list[tuple[Ticket, RowDecoder]]
+                     ) -> tuple[DecodeState | None, list[tuple[Ticket, RowDecoder]]]:
+        """Every running row takes its next token; finished and cancelled rows leave the batch."""
+        gen = self.generator
+        temps = torch.tensor([d.prepared.temperature for _, d in running], dtype=torch.float32)
+        tokens = gen.pick(state.logits, temps)
+        keep = []
+        for i, ((t, d), tok) in enumerate(zip(running, tokens.tolist())):
+            if t.cancelled:
+                continue
+            piece = d.push(tok)
+            if piece:
+                t._emit("delta", piece)
+            if d.done:
+                if t.job.stream and (rest := d.rest()):
+                    t._emit("delta", rest)
+                t._emit("done", d.answer(batch_size=len(running)))
+            else:
+                keep.append(i)
+        self.steps += 1
+        if not keep:
+            return None, []
+        if len(keep) < len(running):
+            state = gen.select(state, keep)
+            running = [running[i] for i in keep]
+            tokens = tokens[keep]
+        return gen.advance(state, tokens), running

@@ -9,6 +9,12 @@ without a soft prompt, with one from the prefix KV cache, and with one run inlin
 
     python benchmarks/serve_throughput.py            # writes benchmarks/results/serve_throughput.{json,md}
     python benchmarks/serve_throughput.py --quick    # fewer requests, a smoke run
+    python benchmarks/serve_throughput.py --scheduling   # continuous vs static batching -> serve_scheduling.{json,md}
+
+`--scheduling` compares the two schedulers of the service (`[batching] scheduler`): static batching
+(a batch runs until its last row finishes) and continuous batching (requests join between decode
+steps, prompts run under a per-step token budget) at 4, 16 and 32 clients, and a mixed load in
+which one extra client sends near-window prompts: p50/p95 of the short requests with and without it.
 
 Runs on CPU with one torch thread by default (--threads): on a small shared machine a second
 OpenMP thread mostly spins waiting for a core, which would flatter batching by slowing the
@@ -51,17 +57,20 @@ API_KEY = "bench-key"
 SOFT_TOKENS = 20
 CONCURRENCY = (1, 4, 16)
 MODES = {  # name -> [batching] table of the service config
-    "cross_department": {"policy": "mixed", "max_batch_size": 16, "max_wait_ms": 10},
-    "one_at_a_time": {"policy": "mixed", "max_batch_size": 1, "max_wait_ms": 0},
-    "per_department": {"policy": "per_department", "max_batch_size": 16, "max_wait_ms": 10},
+    "cross_department": {"scheduler": "static", "policy": "mixed", "max_batch_size": 16, "max_wait_ms": 10},
+    "one_at_a_time": {"scheduler": "static", "policy": "mixed", "max_batch_size": 1, "max_wait_ms": 0},
+    "per_department": {"scheduler": "static", "policy": "per_department", "max_batch_size": 16, "max_wait_ms": 10},
 }
 
 
 # ---------------------------------------------------------------------- fixture: index, prompts, questions
 
 
-def build_fixture(work: Path, chunk_tokens: int) -> dict[str, list[str]]:
-    """Index + registry under `work`; returns questions per department."""
+def build_fixture(work: Path, chunk_tokens: int, k: int = 1) -> dict[str, list[str]]:
+    """Index + registry under `work`; returns questions per department. The prompts' input contract
+    says k chunks (served with it)."""
+    from ragpt.serving.contract import InputContract
+
     settings = load_settings(index_dir=work / "indexes", prompt_dir=work / "prompts")
     embedder = load_embedder(settings)
     for dept in SAMPLE_DEPARTMENTS:
@@ -75,8 +84,8 @@ def build_fixture(work: Path, chunk_tokens: int) -> dict[str, list[str]]:
     reg = PromptRegistry(settings.prompt_dir)
     for i, dept in enumerate(DEPARTMENTS):
         t = torch.randn(SOFT_TOKENS, emb.shape[1], generator=torch.Generator().manual_seed(i)) * float(emb.std())
-        v = reg.register(SoftPrompt.create(t, department=dept, base_fingerprint=base_model_fingerprint(model)),
-                         actor="benchmark")
+        v = reg.register(SoftPrompt.create(t, department=dept, base_fingerprint=base_model_fingerprint(model),
+                                           contract=InputContract(k=k).to_dict()), actor="benchmark")
         reg.approve(dept, v, actor="benchmark")
         reg.activate(dept, v, actor="benchmark")
     questions = {d: [q.question for q in sample_questions(d)] for d in SAMPLE_DEPARTMENTS}
@@ -86,7 +95,7 @@ def build_fixture(work: Path, chunk_tokens: int) -> dict[str, list[str]]:
 
 def write_config(work: Path, name: str, batching: dict, prefix_cache: bool, max_tokens: int) -> Path:
     lines = ['index = "bench"', "[router]", "enabled = false", "[limits]", f"max_tokens = {max_tokens}",
-             "request_timeout_s = 600", "[batching]",
+             "request_timeout_s = 900", "max_message_chars = 60000", "max_request_bytes = 262144", "[batching]",
              *(f"{k} = {json.dumps(v)}" for k, v in batching.items()), f"prefix_cache = {json.dumps(prefix_cache)}",
              "max_queue = 256"]
     for dept in DEPARTMENTS:
@@ -164,7 +173,7 @@ def plan(questions: dict[str, list[str]], n: int, offset: int = 0) -> list[tuple
 
 
 async def drive(url: str, requests: list[tuple[str, str]], concurrency: int, max_tokens: int,
-                prompt_version: str | None = None) -> dict:
+                prompt_version: str | None = None, extra: dict | None = None) -> dict:
     """Closed-loop clients: each sends its next request as soon as its previous answer arrived."""
     queue: asyncio.Queue = asyncio.Queue()
     for r in requests:
@@ -179,6 +188,7 @@ async def drive(url: str, requests: list[tuple[str, str]], concurrency: int, max
             body = {"messages": [{"role": "user", "content": q}], "max_tokens": max_tokens, "temperature": 0}
             if prompt_version:
                 body["prompt_version"] = prompt_version
+            body.update(extra or {})
             t0 = time.perf_counter()
             r = await c.post(f"/v1/departments/{dept}/chat", json=body)
             dt = time.perf_counter() - t0
@@ -238,6 +248,121 @@ def warm_up(url: str, questions, max_tokens: int) -> None:
     asyncio.run(drive(url, plan(questions, 8, offset=11), 8, 4))
 
 
+# ---------------------------------------------------------------------- continuous vs static batching
+
+SCHEDULERS = {  # name -> [batching] table
+    "static": {"scheduler": "static", "policy": "mixed", "max_batch_size": 16, "max_wait_ms": 10},
+    "continuous": {"scheduler": "continuous", "max_batch_size": 16, "max_prefill_tokens": 256},
+}
+SCHED_CLIENTS = (4, 16, 32)
+LONG_TOKENS = 6000  # the near-window client's system text, in generator tokens (the window is 8192)
+
+
+def long_system_text(target_tokens: int) -> str:
+    from ragpt.lm.models import load_generator_model as _load
+
+    _, tok = _load(load_settings())
+    sentence = "Read the whole policy text carefully before answering any question about it. "
+    n = len(tok(sentence, add_special_tokens=False)["input_ids"])
+    return sentence * max(1, target_tokens // n)
+
+
+async def mixed_load(url: str, short: list[tuple[str, str]], clients: int, max_tokens: int,
+                     long_text: str | None) -> dict:
+    """`clients` closed-loop short clients; with `long_text`, one more client sends near-window prompts
+    until the short ones are done. Reports the short requests only (and the long ones' count)."""
+    stop = asyncio.Event()
+    long_done: list[float] = []
+
+    async def long_client() -> None:
+        body = {"messages": [{"role": "system", "content": long_text},
+                             {"role": "user", "content": "Which rules apply?"}],
+                "max_tokens": max_tokens, "temperature": 0, "contract": {"max_context_tokens": LONG_TOKENS + 400}}
+        async with httpx.AsyncClient(base_url=url, timeout=900,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                r = await c.post("/v1/departments/hr/chat", json=body)
+                if r.status_code != 200:
+                    raise RuntimeError(f"long request failed: {r.status_code} {r.text[:200]}")
+                long_done.append(time.perf_counter() - t0)
+
+    task = asyncio.create_task(long_client()) if long_text else None
+    if task:
+        await asyncio.sleep(1.0)  # the long prompt is in flight when the short clients start
+    res = await drive(url, short, clients, max_tokens)
+    stop.set()
+    if task:
+        await task
+    res["long_requests"] = len(long_done)
+    res["long_p50_s"] = round(pct(long_done, 50), 3) if long_done else None
+    return res
+
+
+def run_scheduling(args, work: Path, questions) -> dict:
+    counts = {4: 8, 16: 32, 32: 64} if not args.quick else {4: 4, 16: 16, 32: 32}
+    n_mixed = 16 if not args.quick else 8
+    long_text = long_system_text(LONG_TOKENS)
+    out: dict = {"throughput": {}, "mixed": {}}
+    for name, batching in SCHEDULERS.items():
+        server = Server(work, write_config(work, name, batching, True, args.max_tokens), args.threads, args.k)
+        try:
+            server.wait_ready()
+            warm_up(server.url, questions, args.max_tokens)
+            out["throughput"][name] = {}
+            for c in SCHED_CLIENTS:
+                r = asyncio.run(drive(server.url, plan(questions, counts[c]), c, args.max_tokens))
+                out["throughput"][name][str(c)] = r
+                print(f"[bench] {name:10s} clients={c:2d}: {r['answers_per_s']} answers/s, p50 {r['p50_latency_s']}s,"
+                      f" p95 {r['p95_latency_s']}s", flush=True)
+            out["mixed"][name] = {}
+            for label, text in (("without_long_client", None), ("with_long_client", long_text)):
+                r = asyncio.run(mixed_load(server.url, plan(questions, n_mixed, offset=5), 4, args.max_tokens, text))
+                out["mixed"][name][label] = r
+                print(f"[bench] {name:10s} mixed {label}: short p50 {r['p50_latency_s']}s, p95 {r['p95_latency_s']}s,"
+                      f" long requests {r['long_requests']}", flush=True)
+        finally:
+            server.stop()
+    tp, mx = out["throughput"], out["mixed"]
+    a, b = tp["continuous"]["16"]["answers_per_s"], tp["static"]["16"]["answers_per_s"]
+    out["continuous_vs_static_answers_per_s_at_16"] = round(a / b, 2) if a and b else None
+    out["short_p95_with_vs_without_long_client"] = {
+        name: (round(m["with_long_client"]["p95_latency_s"] / m["without_long_client"]["p95_latency_s"], 2)
+               if m["with_long_client"]["p95_latency_s"] and m["without_long_client"]["p95_latency_s"] else None)
+        for name, m in mx.items()}
+    return out
+
+
+def scheduling_markdown(res: dict) -> str:
+    cfg = res["config"]
+    lines = ["# Continuous vs static batching (benchmarks/serve_throughput.py --scheduling)", "",
+             f"Generator {cfg['generator']} on CPU ({cfg['cpus']} cores; load average {cfg['load_avg_start']} at "
+             f"start), {cfg['threads']} torch thread(s), bf16 {cfg['bf16']}; {len(DEPARTMENTS)} departments, a "
+             f"{SOFT_TOKENS}-token soft prompt each, k={cfg['k']}, max_tokens={cfg['max_tokens']}, greedy, "
+             "closed-loop clients cycling over the departments. Static: batches of up to 16 that run until their "
+             "last row finishes. Continuous: up to 16 running rows, 256 prompt tokens per step.", "",
+             "| scheduler | clients | answers | answers/s | p50 s | p95 s | mean batch |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, levels in res["throughput"].items():
+        for c, r in levels.items():
+            lines.append(f"| {name} | {c} | {r['answers']} | {r['answers_per_s']} | {r['p50_latency_s']} | "
+                         f"{r['p95_latency_s']} | {r['mean_batch_size']} |")
+    lines += ["", f"At 16 clients continuous batching answers **{res['continuous_vs_static_answers_per_s_at_16']}x** "
+              "the answers/s of static batching (target: 1.3x).", "",
+              f"## Short requests beside a near-window prompt (4 short clients; one client sending ~{LONG_TOKENS}-"
+              "token prompts)", "",
+              "| scheduler | load | short answers | short p50 s | short p95 s | long requests done | long p50 s |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for name, m in res["mixed"].items():
+        for label, r in m.items():
+            lines.append(f"| {name} | {label.replace('_', ' ')} | {r['answers']} | {r['p50_latency_s']} | "
+                         f"{r['p95_latency_s']} | {r['long_requests']} | {r['long_p50_s']} |")
+    ratios = res["short_p95_with_vs_without_long_client"]
+    lines += ["", "Short-request p95 with the long client / without it: " + ", ".join(
+        f"{k} **{v}x**" for k, v in ratios.items()) + " (target for continuous: at most 1.5x).", ""]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -283,6 +408,7 @@ def main() -> None:
     ap.add_argument("--chunk-tokens", type=int, default=160)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--scheduling", action="store_true", help="continuous vs static batching only")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     counts = {1: 2, 4: 4, 16: 16} if args.quick else {1: 4, 4: 8, 16: 16}
@@ -292,7 +418,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ragpt-bench-"))
     try:
         print(f"[bench] building the 4-department index and prompts in {work}", flush=True)
-        questions = build_fixture(work, args.chunk_tokens)
+        questions = build_fixture(work, args.chunk_tokens, args.k)
+        if args.scheduling:
+            from ragpt.lm.generator import resolve_bf16
+
+            res = run_scheduling(args, work, questions)
+            s = load_settings()
+            res["config"] = {"generator": s.generator, "threads": args.threads, "bf16": resolve_bf16(s.bf16),
+                             "k": args.k, "max_tokens": args.max_tokens, "schedulers": SCHEDULERS,
+                             "cpus": os.cpu_count(), "load_avg_start": load_start, "quick": args.quick,
+                             "load_avg_end": round(os.getloadavg()[0], 2), "seconds": round(time.time() - t_start, 1)}
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "serve_scheduling.json").write_text(json.dumps(res, indent=2) + "\n")
+            (args.out / "serve_scheduling.md").write_text(scheduling_markdown(res))
+            print(scheduling_markdown(res))
+            return
         results: dict = {"throughput": {}, "soft_prompt_overhead": {}}
         for name, batching in MODES.items():
             server = Server(work, write_config(work, name, batching, True, args.max_tokens), args.threads, args.k)

@@ -5,8 +5,13 @@ Routes
     POST /v1/chat/completions          OpenAI-compatible; model = "dept", "dept@v3", "dept@none" or "auto"
     GET  /v1/models                    the departments this key may use, with their active prompt versions
     GET  /healthz                      the process is up
-    GET  /readyz                       models loaded, batcher running (503 until then)
+    GET  /readyz                       models loaded, batcher running (503 until then); with a valid key
+                                       also the key's departments and why loading failed
 Both chat routes stream OpenAI-format SSE chunks with `"stream": true`, ending with `data: [DONE]`.
+
+Every error is an OpenAI-style JSON body (ragpt_service.errors) with a 4xx for the client's mistakes.
+The API key is checked before the body is read; the body must be a JSON object of valid Unicode text.
+A department that does not exist and one the key may not use answer the same 404.
 
     from ragpt_service.app import create_app
     app = create_app(load_service_config("serve.toml"), load_settings())
@@ -15,17 +20,23 @@ Both chat routes stream OpenAI-format SSE chunks with `"stream": true`, ending w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ragpt.config import Settings
 from ragpt.lm.generator import Generator
@@ -33,7 +44,14 @@ from ragpt.lm.models import Embedder
 from ragpt.serving.request import Answer
 from ragpt.serving.scheduler import Ticket
 from ragpt_service.config import ServiceConfig
-from ragpt_service.errors import ApiError, from_ragpt_error, install_error_handlers
+from ragpt_service.errors import (
+    ApiError,
+    ErrorBody,
+    from_ragpt_error,
+    install_error_handlers,
+    internal_error,
+    quote,
+)
 from ragpt_service.limits import BodySizeLimit
 from ragpt_service.runtime import ServiceRuntime
 from ragpt_service.schemas import (
@@ -41,6 +59,7 @@ from ragpt_service.schemas import (
     ChatMessage,
     DepartmentChatRequest,
     check_generation_limits,
+    check_supported,
     citations_json,
     split_chat,
 )
@@ -68,8 +87,99 @@ def _runtime(request: Request) -> ServiceRuntime:
     return request.app.state.runtime
 
 
-def _allowed(request: Request, rt: ServiceRuntime = Depends(_runtime)) -> frozenset[str]:
-    return rt.keys.departments_for(request.headers.get("authorization"))
+def _allowed(request: Request) -> frozenset[str]:
+    return request.state.allowed  # set by _ServiceRoute before the body is read
+
+
+# ---------------------------------------------------------------------- before a route runs
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_body(raw: bytes) -> Any:
+    """The request body as JSON, or a 400 that says what is wrong with it (never quoting it)."""
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_request")
+    try:
+        return json.loads(raw, parse_constant=_no_constants)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_request") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not UTF-8 text", code="invalid_request") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+                       code="invalid_request") from None
+    except ValueError as e:  # NaN/Infinity, an integer with too many digits
+        raise ApiError(400, f"the request body is not valid JSON: {str(e)[:80]}", code="invalid_request") from None
+
+
+def _surrogate_at(data: Any) -> str | None:
+    """Where in parsed JSON a string (or key) holds a lone surrogate ("\\ud800"): not Unicode text."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if _SURROGATE.search(key):
+                    return path or "body"
+                stack.append((item, where))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}") for i, item in enumerate(value))
+    return None
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+def _check_body(content_type: str | None, raw: bytes) -> None:
+    if not _is_json(content_type):
+        got = f"got {quote(content_type, 40)}" if content_type else "none sent"
+        raise ApiError(400, f"the request body must be JSON: send 'Content-Type: application/json' ({got})",
+                       code="invalid_request")
+    data = _parse_body(raw)
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}",
+                       code="invalid_request")
+    where = _surrogate_at(data)
+    if where is not None:
+        raise ApiError(400, f"{where} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), "
+                            "which is not valid Unicode text", code="invalid_text", param=where)
+
+
+class _ServiceRoute(APIRoute):
+    """Checks the API key (routes under /v1/) and then the JSON body, before FastAPI parses and
+    validates it; an unexpected exception becomes a logged 500 with a request id, in JSON."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+        needs_key = self.path.startswith("/v1/")
+
+        async def route(request: Request) -> Response:
+            try:
+                if needs_key:
+                    keys = request.app.state.runtime.keys
+                    request.state.allowed = keys.departments_for(request.headers.get("authorization"))
+                if request.method in ("POST", "PUT", "PATCH"):
+                    # Starlette keeps the bytes for FastAPI, which parses them again.
+                    _check_body(request.headers.get("content-type"), await request.body())
+                return await handler(request)
+            except (ApiError, RequestValidationError, StarletteHTTPException):
+                raise
+            except Exception as e:
+                raise internal_error(e) from e
+
+        return route
 
 
 async def _resolve(rt: ServiceRuntime, allowed: frozenset[str], model: str, messages: list[ChatMessage],
@@ -163,6 +273,8 @@ async def _stream(call: ChatCall, ticket: Ticket, prepared, rid: str, created: i
                         "choices": [], "usage": answer.usage})
     except ApiError as e:  # the status line is gone: report in-band, as OpenAI does
         yield _sse(e.body())
+    except Exception as e:
+        yield _sse(internal_error(e).body())
     finally:
         ticket.cancel()  # no-op when done; stops the row when the client went away
     yield b"data: [DONE]\n\n"
@@ -188,22 +300,71 @@ async def _answer(rt: ServiceRuntime, call: ChatCall):
 # ---------------------------------------------------------------------- the app
 
 
+class Readiness(BaseModel):
+    status: str  # loading, ready or failed
+    departments: list[str] | None = None  # with a valid key: those of its departments that are loaded
+    error: str | None = None  # with a valid key: why loading failed
+    queued: int | None = None
+
+
+_WHY = {
+    400: "Invalid request: malformed JSON, a wrong type, a value over a limit, an unsupported parameter.",
+    401: "Missing, malformed or unknown API key.",
+    404: "No such model for this key: unknown or not permitted department, unknown or unapproved version.",
+    413: "The request body is over the size limit.",
+    422: "`auto` could not tell the department (router.below_threshold = \"refuse\").",
+    500: "Internal error; the message names a request id to find in the server log.",
+    503: "Not ready (loading or failed to load) or overloaded (see Retry-After).",
+    504: "The request timed out in the queue or while generating.",
+}
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorBody, "description": _WHY[s]} for s in statuses}
+
+
+def _openapi_without_422(app: FastAPI) -> Callable[[], dict]:
+    """FastAPI documents a 422 HTTPValidationError on every route with a body; this service answers
+    validation errors with 400 and an ErrorBody (documented per route), so drop those entries."""
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                responses = op.get("responses", {})
+                if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                    del responses["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
+
+
 def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder | None = None,
-               generator: Generator | None = None, background_load: bool = True) -> FastAPI:
+               generator: Generator | None = None, background_load: bool = True,
+               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
     """The service app. Models load at startup: in a background thread (readyz says when), or before
-    serving with `background_load=False`. Pass `embedder`/`generator` to share already loaded ones."""
+    serving with `background_load=False`. Pass `embedder`/`generator` to share already loaded ones.
+    `on_load_error(reason)` is called when a background load fails (`ragpt serve` then stops)."""
     runtime = ServiceRuntime(config, settings, embedder=embedder, generator=generator)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if background_load:
-            threading.Thread(target=_load_quietly, args=(runtime,), name="ragpt-load", daemon=True).start()
+            threading.Thread(target=_load_quietly, args=(runtime, on_load_error), name="ragpt-load",
+                             daemon=True).start()
         else:
             await asyncio.to_thread(runtime.load)
         yield
         await asyncio.to_thread(runtime.close)
 
     app = FastAPI(title="ragpt chat service", version="0.1.0", lifespan=lifespan)
+    app.router.route_class = _ServiceRoute
+    app.openapi = _openapi_without_422(app)
     app.state.runtime = runtime
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_request_bytes)
     install_error_handlers(app)
@@ -212,23 +373,26 @@ def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder 
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    async def readyz(rt: ServiceRuntime = Depends(_runtime)):
-        body = {"status": rt.status, "departments": sorted(rt.pipelines), "error": rt.error}
-        if rt.batcher is not None:
-            body["queued"] = rt.batcher.queued
+    @app.get("/readyz", response_model=Readiness, response_model_exclude_none=True,
+             responses={503: {"model": Readiness, "description": "Loading, or failed to load."}})
+    async def readyz(request: Request, rt: ServiceRuntime = Depends(_runtime)):
+        """The status to anyone; with a valid API key also its loaded departments and any load error."""
+        try:
+            allowed = rt.keys.departments_for(request.headers.get("authorization"))
+        except ApiError:
+            allowed = None
+        body = Readiness(**rt.readiness(allowed)).model_dump(exclude_none=True)
         return JSONResponse(body, status_code=200 if rt.status == "ready" else 503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401, 500, 503))
     async def models(allowed: frozenset[str] = Depends(_allowed), rt: ServiceRuntime = Depends(_runtime)) -> dict:
         rt.check_ready()
         return {"object": "list", "data": await asyncio.to_thread(rt.models, allowed)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_errors(400, 401, 404, 413, 422, 500, 503, 504))
     async def chat_completions(body: ChatCompletionRequest, allowed: frozenset[str] = Depends(_allowed),
                                rt: ServiceRuntime = Depends(_runtime)):
-        if body.n not in (None, 1):
-            raise ApiError(400, "n > 1 is not supported", code="unsupported_parameter", param="n")
+        check_supported(body)
         call = await _resolve(
             rt, allowed, body.model, body.messages, k=body.k, contract=body.contract,
             max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
@@ -237,7 +401,7 @@ def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder 
         )
         return await _answer(rt, call)
 
-    @app.post("/v1/departments/{dept}/chat")
+    @app.post("/v1/departments/{dept}/chat", responses=_errors(400, 401, 404, 413, 500, 503, 504))
     async def department_chat(dept: str, body: DepartmentChatRequest, allowed: frozenset[str] = Depends(_allowed),
                               rt: ServiceRuntime = Depends(_runtime)):
         model = f"{dept}@{body.prompt_version}" if body.prompt_version else dept
@@ -249,7 +413,10 @@ def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder 
     return app
 
 
-def _load_quietly(runtime: ServiceRuntime) -> None:
-    # A failure is recorded in runtime.status/error, which /readyz and every chat request report.
-    with contextlib.suppress(Exception):
+def _load_quietly(runtime: ServiceRuntime, on_error: Callable[[str], None] | None) -> None:
+    # A failure is recorded in runtime.status/error, which /readyz (with a key) and every chat request report.
+    try:
         runtime.load()
+    except Exception:
+        if on_error is not None:
+            on_error(runtime.error or "loading failed")

@@ -17,21 +17,54 @@ from ragpt.retrieval.index import DocumentIndex
 from ragpt.retrieval.router import DepartmentRouter, chunk_vectors
 from ragpt.serving.pipeline import Pipeline
 from ragpt.serving.request import ChatRequest, Turn
-from ragpt.serving.scheduler import BatcherStopped, ChatJob, MicroBatcher, Overloaded, Ticket
+from ragpt.serving.scheduler import BatcherStopped, ChatJob, ContinuousBatcher, MicroBatcher, Overloaded, Ticket
 from ragpt.softprompts.registry import UnknownPromptDepartmentError
 from ragpt_service.auth import KeyRing
 from ragpt_service.config import ServiceConfig
-from ragpt_service.errors import ApiError
+from ragpt_service.errors import ApiError, quote
 
 log = logging.getLogger("ragpt.service")
+
+
+def service_settings(config: ServiceConfig, settings: Settings) -> Settings:
+    """ragpt's settings with the service config's index_dir/prompt_dir, where it sets them."""
+    updates = {k: v for k, v in (("index_dir", config.index_dir), ("prompt_dir", config.prompt_dir))
+               if v is not None}
+    return settings.model_copy(update=updates)
+
+
+def config_problems(config: ServiceConfig, settings: Settings) -> list[str]:
+    """What keeps a config from working, found without loading a model: each index must open (its
+    checksums pass) and hold its departments' documents. Empty when the config can work."""
+    s = service_settings(config, settings)
+    problems: list[str] = []
+    opened: dict[str, DocumentIndex | None] = {}
+    for dept in config.departments:
+        name = config.index_of(dept)
+        if name not in opened:
+            try:
+                opened[name] = DocumentIndex.open(s.index_dir, name)
+            except Exception as e:
+                opened[name] = None
+                problems.append(str(e))
+        index = opened[name]
+        if index is not None:
+            try:
+                index.check_department(dept)
+            except Exception as e:
+                problems.append(str(e))
+    return problems
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(404, f"model {quote(model)} not found for this key; GET /v1/models lists the models it may use",
+                    code="model_not_found", param="model")
 
 
 class ServiceRuntime:
     def __init__(self, config: ServiceConfig, settings: Settings, *, embedder: Embedder | None = None,
                  generator: Generator | None = None):
-        updates = {k: v for k, v in (("index_dir", config.index_dir), ("prompt_dir", config.prompt_dir))
-                   if v is not None}
-        self.settings = settings.model_copy(update=updates)
+        self.settings = service_settings(config, settings)
         self.config = config
         self.keys = KeyRing({d: c.api_keys for d, c in config.departments.items()},
                             required=config.require_api_key)
@@ -72,8 +105,12 @@ class ServiceRuntime:
                 self.router = DepartmentRouter(embedder, vectors, method=rc.method, top_m=rc.top_m,
                                                temperature=rc.temperature)
             b = cfg.batching
-            self.batcher = MicroBatcher(generator, max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms,
-                                        max_queue=b.max_queue, policy=b.policy)
+            if b.scheduler == "continuous":
+                self.batcher = ContinuousBatcher(generator, max_batch_size=b.max_batch_size, max_queue=b.max_queue,
+                                                 max_prefill_tokens=b.max_prefill_tokens)
+            else:
+                self.batcher = MicroBatcher(generator, max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms,
+                                            max_queue=b.max_queue, policy=b.policy)
             self.batcher.start()
             self.status = "ready"
             log.info("ragpt service ready: %d departments in %.1fs", len(self.pipelines), time.time() - self.started)
@@ -106,13 +143,10 @@ class ServiceRuntime:
             if sep:
                 raise ApiError(400, "'auto' cannot pin a prompt version", code="invalid_model", param="model")
             return None, "active"
-        if name not in self.config.departments:
-            known = ", ".join(sorted(allowed)) or "none"
-            raise ApiError(404, f"no department {name!r}; this key may use: {known}, or 'auto'",
-                           code="model_not_found", param="model")
         if name not in allowed:
-            raise ApiError(403, f"this API key may not use department {name!r}", code="permission_denied",
-                           param="model")
+            # One answer for a department that does not exist and one this key may not use, so a key
+            # cannot find out which departments exist.
+            raise model_not_found(model)
         if not sep:
             return name, "active"
         if version == "none":
@@ -127,8 +161,8 @@ class ServiceRuntime:
             states = {}
         state = states.get(version)
         if state is None:
-            raise ApiError(404, f"department {dept!r} has no prompt version {version!r}", code="model_not_found",
-                           param="model")
+            raise ApiError(404, f"department {dept!r} has no prompt version {quote(version)}",
+                           code="model_not_found", param="model")
         if state not in ("approved", "active"):
             raise ApiError(404, f"{dept} {version} is a {state}; only approved versions are served",
                            code="model_not_found", param="model")
@@ -137,18 +171,32 @@ class ServiceRuntime:
     def models(self, allowed: frozenset[str]) -> list[dict]:
         out = []
         for dept in sorted(allowed):
+            row = {"id": dept, "object": "model", "created": int(self.started), "owned_by": "ragpt",
+                   "department": dept, "active_prompt_version": None, "prompt_versions": []}
             try:
                 rows = self.registry_for(dept).versions(dept)
+                row["active_prompt_version"] = next((r["version"] for r in rows if r["state"] == "active"), None)
+                row["prompt_versions"] = [r["version"] for r in rows if r["state"] in ("approved", "active")]
             except UnknownPromptDepartmentError:
-                rows = []
-            active = next((r["version"] for r in rows if r["state"] == "active"), None)
-            out.append({"id": dept, "object": "model", "created": int(self.started), "owned_by": "ragpt",
-                        "department": dept, "active_prompt_version": active,
-                        "prompt_versions": [r["version"] for r in rows if r["state"] in ("approved", "active")]})
+                pass  # no soft prompts: answered without one
+            except Exception as e:  # a damaged registry: listed without versions, the log says why
+                log.error("cannot list the prompt versions of %s: %s: %s", dept, type(e).__name__, e)
+                row["error"] = "its prompt versions cannot be read; see the server log"
+            out.append(row)
         if self.router is not None:
             out.append({"id": "auto", "object": "model", "created": int(self.started), "owned_by": "ragpt",
                         "department": None, "active_prompt_version": None, "prompt_versions": []})
         return out
+
+    def readiness(self, allowed: frozenset[str] | None) -> dict:
+        """What /readyz answers: the status to anyone; the key's departments and the error with a valid key."""
+        body: dict = {"status": self.status}
+        if allowed is not None:
+            body["departments"] = sorted(set(self.pipelines) & allowed)
+            body["error"] = self.error
+            if self.batcher is not None:
+                body["queued"] = self.batcher.queued
+        return body
 
     # -------------------------------------------------------------- routing and submission
     async def route(self, question: str, allowed: frozenset[str]) -> tuple[str, str, dict]:

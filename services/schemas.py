@@ -16,7 +16,7 @@ from ragpt.errors import EmptyQuestionError
 from ragpt.serving.messages import MessagesError, split_messages
 from ragpt.serving.request import Answer, Turn
 from ragpt_service.config import LimitsConfig
-from ragpt_service.errors import ApiError
+from ragpt_service.errors import ApiError, clip, quote
 
 CONTRACT_FIELD = Field(None, description="ragpt extension: input-contract fields to override for this request "
                                          "(k, max_context_tokens, max_question_tokens, max_history_tokens, dense, "
@@ -42,7 +42,7 @@ class ChatMessage(BaseModel):
             return self.content
         for part in self.content:
             if part.type != "text":
-                raise ApiError(400, f"message content of type {part.type!r} is not supported (text only)",
+                raise ApiError(400, f"message content of type {quote(part.type)} is not supported (text only)",
                                code="unsupported_content", param="messages")
         return "".join(p.text or "" for p in self.content)
 
@@ -52,25 +52,64 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat completion request; fields ragpt does not use (top_p, user, ...) are ignored."""
+MESSAGES_FIELD = Field(min_length=1, description="OpenAI chat messages; the last one is the user's question.")
 
-    model_config = ConfigDict(extra="ignore")
-    model: str = Field(description="A department, 'dept@version' for a pinned prompt version, or 'auto'.")
-    messages: list[ChatMessage]
+
+def _is(*harmless):
+    """Passes a value that asks for nothing: None or one of `harmless`."""
+    return lambda v: v is None or any(v == h for h in harmless)
+
+
+# OpenAI parameters ragpt cannot honour, and the values of each that ask for nothing (those pass).
+UNSUPPORTED = {
+    "tools": _is([]), "tool_choice": _is("none"), "functions": _is([]), "function_call": _is("none"),
+    "response_format": _is({"type": "text"}), "logprobs": _is(False), "top_logprobs": _is(0),
+    "stop": _is([], ""), "presence_penalty": _is(0), "frequency_penalty": _is(0), "logit_bias": _is({}),
+    # Requests are batched with others: one seed per batch, so a request's seed could not be honoured.
+    "seed": _is(), "audio": _is(), "modalities": _is(["text"]), "prediction": _is(), "web_search_options": _is(),
+    "reasoning_effort": _is(), "top_p": _is(1), "n": _is(1),
+}
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request. Parameters ragpt cannot honour (tools, response_format, stop,
+    logprobs, penalties, logit_bias, seed, n > 1, top_p < 1, ...) are refused with a 400 naming them
+    (`unsupported_parameters`); harmless ones (user, metadata, store, ...) and unknown ones are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, description="A department, 'dept@version' for a pinned prompt version, "
+                                                 "or 'auto'.")
+    messages: list[ChatMessage] = MESSAGES_FIELD
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1, description="Accepted as 1 only (no nucleus sampling).")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, description="Accepted as 1 only.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    metadata: dict[str, Any] | None = Field(None, description="Accepted and ignored.")
     k: int | None = Field(None, ge=1, description="ragpt extension: chunks to retrieve.")
     contract: dict[str, Any] | None = CONTRACT_FIELD
+
+    def unsupported_parameters(self) -> list[str]:
+        """The parameters of this request that ask for something ragpt does not do, in a stable order."""
+        given = {**(self.model_extra or {}), "top_p": self.top_p, "n": self.n}
+        return [name for name, harmless in UNSUPPORTED.items() if name in given and not harmless(given[name])]
+
+
+def check_supported(body: ChatCompletionRequest) -> None:
+    names = body.unsupported_parameters()
+    if names:
+        raise ApiError(400, f"unsupported parameter{'s' if len(names) > 1 else ''}: {', '.join(names)} "
+                            "(ragpt answers with one text completion from retrieved passages: no tools, structured "
+                            "output, logprobs, stop sequences, penalties, logit_bias, seed, n > 1 or top_p < 1)",
+                       code="unsupported_parameter", param=names[0])
 
 
 class DepartmentChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = MESSAGES_FIELD
     k: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -103,11 +142,11 @@ def split_chat(messages: list[ChatMessage], limits: LimitsConfig) -> tuple[str, 
 
 def check_generation_limits(max_tokens: int | None, k: object, limits: LimitsConfig) -> None:
     if max_tokens is not None and max_tokens > limits.max_tokens:
-        raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit of {limits.max_tokens}",
+        raise ApiError(400, f"max_tokens {clip(max_tokens, 24)} exceeds the limit of {limits.max_tokens}",
                        code="max_tokens_exceeded", param="max_tokens")
     # A k that is not an integer is the input contract's to refuse (400 invalid_contract), later.
     if isinstance(k, int) and not isinstance(k, bool) and k > limits.max_k:
-        raise ApiError(400, f"k {k} exceeds the limit of {limits.max_k}", code="k_exceeded", param="k")
+        raise ApiError(400, f"k {clip(k, 24)} exceeds the limit of {limits.max_k}", code="k_exceeded", param="k")
 
 
 def citations_json(answer_or_citations) -> list[dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, free_port
 from fastapi.testclient import TestClient
 
 from ragpt.lm.generator import Generator
@@ -225,10 +224,10 @@ def test_a_key_reaches_only_its_departments(client):
            401, "invalid_api_key")
     _error(client.post("/v1/chat/completions", json=body, headers={"Authorization": KEYS["hr"]}),
            401, "invalid_api_key")
-    assert _error(client.post("/v1/chat/completions", json=body, headers=_auth("hr")),
-                  403, "permission_denied")["type"] == "permission_error"
+    # A department the key may not use answers like one that does not exist (no enumeration).
+    _error(client.post("/v1/chat/completions", json=body, headers=_auth("hr")), 404, "model_not_found")
     _error(client.post("/v1/departments/it/chat", headers=_auth("hr"), json={"messages": _chat(IT_Q)}),
-           403, "permission_denied")
+           404, "model_not_found")
     _error(client.post("/v1/chat/completions", headers=_auth("hr"), json={**body, "model": "legal"}),
            404, "model_not_found")
     assert client.post("/v1/chat/completions", json=body, headers=_auth("itfin")).status_code == 200
@@ -587,7 +586,7 @@ def test_a_service_that_cannot_load_is_not_ready_and_says_why(settings, real_emb
                 break
             time.sleep(0.02)
         assert ready.status_code == 503 and ready.json()["status"] == "failed"
-        assert "no-such-index" in ready.json()["error"]
+        assert "no-such-index" in c.get("/readyz", headers=_auth("hr")).json()["error"]  # why: to a key only
         err = _error(c.post("/v1/chat/completions", headers=_auth("hr"),
                             json={"model": "hr", "messages": _chat(HR_Q)}), 503, "not_ready")
         assert "no-such-index" in err["message"]
@@ -597,18 +596,12 @@ def test_a_service_that_cannot_load_is_not_ready_and_says_why(settings, real_emb
 # --------------------------------------------------------------------------- live server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _live(app):
     """uvicorn on 127.0.0.1 in a thread; stops when the block ends (bounded waits both ways)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -652,7 +645,7 @@ def test_the_unmodified_openai_client_works_against_the_live_server(live, pipe):
 
     assert {m.id for m in client.models.list()} == {"hr", "it", "finance", "auto"}
     hr_only = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS["hr"], max_retries=0, timeout=60)
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.NotFoundError):  # not permitted looks like not there
         hr_only.chat.completions.create(model="finance", messages=_chat(FIN_Q))
     with pytest.raises(openai.NotFoundError):
         hr_only.chat.completions.create(model="hr@v9", messages=_chat(HR_Q))
@@ -662,11 +655,14 @@ def test_the_unmodified_openai_client_works_against_the_live_server(live, pipe):
         hr_only.chat.completions.create(model="hr", messages=_chat(HR_Q), max_tokens=10_000)
 
 
-def test_concurrent_requests_of_three_departments_share_one_batch_on_the_live_server(live, pipe):
-    url, rt = live
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_concurrent_requests_of_three_departments_share_one_batch_on_the_live_server(settings, real_embedder, gen,
+                                                                                     pipe, scheduler):
+    # A prompt budget per step that fits all three prompts: the continuous scheduler admits them together.
+    app = _app(settings, real_embedder, gen, batching={"scheduler": scheduler, "max_prefill_tokens": 65536})
     asks = [("hr", HR_Q, "hr"), ("it", IT_Q, "itfin"), ("finance", FIN_Q, "itfin")]
 
-    async def main():
+    async def main(url, rt):
         rt.batcher.hold()
         before = rt.batcher.stats.batches
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
@@ -677,14 +673,20 @@ def test_concurrent_requests_of_three_departments_share_one_batch_on_the_live_se
             rt.batcher.release()
             return before, await asyncio.gather(*tasks)
 
-    before, responses = asyncio.run(main())
+    with _live(app) as url:
+        rt = app.state.runtime
+        assert type(rt.batcher).__name__ == {"static": "MicroBatcher", "continuous": "ContinuousBatcher"}[scheduler]
+        before, responses = asyncio.run(main(url, rt))
     assert rt.batcher.stats.batches == before + 1
     assert sorted(rt.batcher.stats.departments[-1]) == ["finance", "hr", "it"]
+    sizes = []
     for (dept, q, _), r in zip(asks, responses):
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["timings"]["batch_size"] == 3
+        sizes.append(body["timings"]["batch_size"])
         assert body["answer"] == pipe.ask(q, dept, max_new_tokens=MAX_TOKENS).text
+    # Static: the batch holds its three rows to the end. Continuous: a finished row leaves at once.
+    assert max(sizes) == 3 and (scheduler == "continuous" or sizes == [3, 3, 3])
 
 
 def test_ragpt_serve_starts_the_service_from_a_config_file(settings, gen, tmp_path):
@@ -700,7 +702,7 @@ def test_ragpt_serve_starts_the_service_from_a_config_file(settings, gen, tmp_pa
         "[batching]\nmax_wait_ms = 2\n"
     )
     assert load_service_config(config).prompt_dir == tmp_path / "prompts"
-    port = _free_port()
+    port = free_port()
     # Registers the command the way ragpt.cli.main mounts it (unless it already is).
     script = ("from ragpt.cli.main import app; from ragpt.cli.serve import serve\n"
               "if not any(c.callback is serve for c in app.registered_commands): app.command()(serve)\n"

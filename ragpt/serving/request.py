@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ragpt.errors import EmptyQuestionError, RagptError
 from ragpt.lm.template import (
@@ -161,8 +161,16 @@ def build_inputs(tokenizer, contract: InputContract, question: str, passages: Se
                         max_history_tokens=contract.max_history_tokens)
 
 
-def _resolve(pipeline: Pipeline, req: ChatRequest) -> tuple[Any, str | None, InputContract, InputContract, dict]:
-    """(soft prompt, version label, version's contract, contract used, overrides diff) for one request."""
+class _Resolved(NamedTuple):
+    soft: Any  # the soft-prompt tensor, or None
+    version: str | None
+    contract: InputContract  # the one used: the version's (or given) with the overrides applied
+    overrides: dict  # the fields that differ from the version's contract
+    query: str  # what to retrieve with
+
+
+def _resolve(pipeline: Pipeline, req: ChatRequest) -> _Resolved:
+    """The prompt version, its contract with the caller's overrides, and the retrieval query of one request."""
     if not isinstance(req.question, str) or not req.question.strip():
         raise EmptyQuestionError("the question is empty")
     pipeline.index.check_department(req.department)
@@ -173,7 +181,7 @@ def _resolve(pipeline: Pipeline, req: ChatRequest) -> tuple[Any, str | None, Inp
     if req.contract is not None:
         base = req.contract
     used, diff = base.apply(req.overrides)
-    return soft, version, base, used, diff
+    return _Resolved(soft, version, used, diff, retrieval_query(req.question, req.history, used.query_rule))
 
 
 def prepare_many(pipeline: Pipeline, requests: Sequence[ChatRequest]) -> list[PreparedRequest | Exception]:
@@ -181,30 +189,28 @@ def prepare_many(pipeline: Pipeline, requests: Sequence[ChatRequest]) -> list[Pr
     retrieval mode. A request that cannot be prepared gets its own exception; the others go on."""
     t0 = time.perf_counter()
     out: list[PreparedRequest | Exception | None] = [None] * len(requests)
-    resolved: dict[int, tuple] = {}
+    resolved: dict[int, _Resolved] = {}
     for i, req in enumerate(requests):
         try:
-            soft, version, _, used, diff = _resolve(pipeline, req)
-            query = retrieval_query(req.question, req.history, used.query_rule)
-            resolved[i] = (soft, version, used, diff, query)
+            resolved[i] = _resolve(pipeline, req)
         except Exception as e:  # noqa: BLE001 - the request's own error, raised to its caller
             out[i] = e
     hits = _retrieve_groups(pipeline, requests, resolved, out)
     gen = pipeline.generator
-    for i, (soft, version, used, diff, query) in resolved.items():
+    for i, r in resolved.items():
         if out[i] is not None:
             continue
         req = requests[i]
         try:
             max_new = req.max_new_tokens or pipeline.settings.max_new_tokens
-            n_soft = 0 if soft is None else int(gen.check_soft_prompt(soft).shape[-2])
+            n_soft = 0 if r.soft is None else int(gen.check_soft_prompt(r.soft).shape[-2])
             window = None if gen.max_positions is None else gen.max_positions - max_new - n_soft
-            built = build_inputs(gen.tokenizer, used, req.question, passages_from_hits(hits[i]),
+            built = build_inputs(gen.tokenizer, r.contract, req.question, passages_from_hits(hits[i]),
                                  department=req.department, history=req.history, system=req.system, window=window)
             out[i] = PreparedRequest(
-                request=req, department=req.department, prompt_version=version, soft_prompt=soft,
-                prefix_key=pipeline.prefix_key(req.department, version, soft), contract=used, overrides=diff,
-                query=query, hits=hits[i], built=built, max_new_tokens=max_new,
+                request=req, department=req.department, prompt_version=r.version, soft_prompt=r.soft,
+                prefix_key=pipeline.prefix_key(req.department, r.version, r.soft), contract=r.contract,
+                overrides=r.overrides, query=r.query, hits=hits[i], built=built, max_new_tokens=max_new,
                 temperature=pipeline.settings.temperature if req.temperature is None else req.temperature,
                 prepare_s=round(time.perf_counter() - t0, 4),
             )
@@ -213,26 +219,26 @@ def prepare_many(pipeline: Pipeline, requests: Sequence[ChatRequest]) -> list[Pr
     return out  # type: ignore[return-value]
 
 
-def _retrieve_groups(pipeline: Pipeline, requests: Sequence[ChatRequest], resolved: dict[int, tuple],
+def _retrieve_groups(pipeline: Pipeline, requests: Sequence[ChatRequest], resolved: dict[int, _Resolved],
                      out: list) -> dict[int, list]:
     """Hits per request: one search batch per (k, retrieval mode); a failing batch is retried one by one
     so that only the request at fault fails."""
     hits: dict[int, list] = {i: [] for i in resolved}
     groups: dict[tuple, list[int]] = {}
-    for i, (_, _, used, _, _) in resolved.items():
+    for i, r in resolved.items():
         if requests[i].retrieve:
-            groups.setdefault((used.k, used.dense, used.bm25, used.rrf_k), []).append(i)
+            groups.setdefault((r.contract.k, r.contract.dense, r.contract.bm25, r.contract.rrf_k), []).append(i)
     for members in groups.values():
-        contract = resolved[members[0]][2]
+        contract = resolved[members[0]].contract
         try:
-            found = retrieve_many(pipeline.retriever, [resolved[i][4] for i in members],
+            found = retrieve_many(pipeline.retriever, [resolved[i].query for i in members],
                                   [requests[i].department for i in members], contract,
                                   [requests[i].filters for i in members])
             hits.update(zip(members, found))
         except Exception:  # noqa: BLE001 - find which request is at fault
             for i in members:
                 try:
-                    hits[i] = retrieve_many(pipeline.retriever, [resolved[i][4]], [requests[i].department],
+                    hits[i] = retrieve_many(pipeline.retriever, [resolved[i].query], [requests[i].department],
                                             contract, [requests[i].filters])[0]
                 except Exception as e:  # noqa: BLE001
                     out[i] = e

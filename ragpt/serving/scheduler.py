@@ -146,6 +146,8 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.policy = policy
         self.stats = BatcherStats()
+        self.running_rows = 0  # rows being decoded now (for metrics)
+        self.prefilling_rows = 0  # continuous: admitted rows whose prompt is still being run
         self._waiting: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._held = False
@@ -259,12 +261,15 @@ class MicroBatcher:
             return
         t1 = time.perf_counter()
         self.stats.record([d.prepared.department for _, d in rows])
+        self.running_rows = len(rows)
         try:
             self._generate(rows, t0, t1)
         except Exception as e:
             for t, d in rows:
                 if not d.done:
                     t._emit("error", e)
+        finally:
+            self.running_rows = 0
 
     def _prepare(self, batch: list[Ticket]) -> list[tuple[Ticket, RowDecoder]]:
         """The one request path's prepare, one call per pipeline; a job that fails gets its own error."""
@@ -369,6 +374,7 @@ class ContinuousBatcher(MicroBatcher):
                     self.stats.record([d.prepared.department for _, d in joined])
                 if running:
                     state, running = self._decode_step(state, running)
+                self.running_rows, self.prefilling_rows = len(running), len(prefilling)
             except Exception as e:  # a bug, not a bad request: fail what is in flight, keep the worker alive
                 for t, _ in running:
                     t._emit("error", e)

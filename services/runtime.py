@@ -107,7 +107,8 @@ class ServiceRuntime:
             b = cfg.batching
             if b.scheduler == "continuous":
                 self.batcher = ContinuousBatcher(generator, max_batch_size=b.max_batch_size, max_queue=b.max_queue,
-                                                 max_prefill_tokens=b.max_prefill_tokens)
+                                                 max_prefill_tokens=b.max_prefill_tokens,
+                                                 max_join_wait_ms=b.max_join_wait_ms)
             else:
                 self.batcher = MicroBatcher(generator, max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms,
                                             max_queue=b.max_queue, policy=b.policy)

@@ -387,38 +387,54 @@ class Generator:
                              position_ids=pos, use_cache=True, **{self._cache_kw: state.cache})
         return DecodeState(output_cache(out), mask, pos, out.logits[:, -1, :].float())
 
-    def merge(self, states: Sequence[DecodeState]) -> DecodeState:
-        """One batch of several states' rows: caches and masks left-padded to the longest."""
+    def regroup(self, parts: Sequence[tuple[DecodeState, Sequence[int] | None]]) -> DecodeState:
+        """One batch of the chosen rows of several states (None: all rows), in order: caches and masks
+        left-padded to the longest, padding columns no row needs dropped. Each key/value is copied once."""
         from transformers import DynamicCache
 
-        if len(states) == 1:
-            return states[0]
-        S = max(s.mask.shape[1] for s in states)
+        chosen = []  # (state, row indices, first used column)
+        for state, rows in parts:
+            idx = list(range(state.size)) if rows is None else list(rows)
+            if not idx:
+                continue
+            used = state.mask[idx].any(dim=0).nonzero()
+            chosen.append((state, idx, int(used[0]) if len(used) else state.mask.shape[1]))
+        if not chosen:
+            raise ValueError("regroup needs at least one row")
+        S = max(s.mask.shape[1] - start for s, _, start in chosen)
+        B = sum(len(idx) for _, idx, _ in chosen)
+        first = chosen[0][0]
+        mask = first.mask.new_zeros((B, S))
         layers = []
-        for layer in range(len(states[0].cache.layers)):
-            ks, vs = [], []
-            for s in states:
+        for layer in range(len(first.cache.layers)):
+            k0 = first.cache.layers[layer].keys
+            keys = k0.new_zeros((B, k0.shape[1], S, k0.shape[3]))
+            values = torch.zeros_like(keys)
+            b = 0
+            for s, idx, start in chosen:
+                width = s.mask.shape[1] - start
                 k, v = s.cache.layers[layer].keys, s.cache.layers[layer].values
-                pad = S - k.shape[2]
-                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
-                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
-            layers.append((torch.cat(ks), torch.cat(vs)))
-        mask = torch.cat([torch.nn.functional.pad(s.mask, (S - s.mask.shape[1], 0)) for s in states])
-        return DecodeState(DynamicCache(layers, config=self.model.config), mask,
-                           torch.cat([s.pos for s in states]), torch.cat([s.logits for s in states]))
+                for i in idx:
+                    keys[b, :, S - width:] = k[i, :, start:]
+                    values[b, :, S - width:] = v[i, :, start:]
+                    b += 1
+            layers.append((keys, values))
+        b = 0
+        for s, idx, start in chosen:
+            width = s.mask.shape[1] - start
+            mask[b:b + len(idx), S - width:] = s.mask[idx, start:]
+            b += len(idx)
+        pos = torch.cat([s.pos[idx] for s, idx, _ in chosen])
+        logits = torch.cat([s.logits[idx] for s, idx, _ in chosen])
+        return DecodeState(DynamicCache(layers, config=self.model.config), mask, pos, logits)
+
+    def merge(self, states: Sequence[DecodeState]) -> DecodeState:
+        """One batch of several states' rows (see `regroup`)."""
+        return states[0] if len(states) == 1 else self.regroup([(s, None) for s in states])
 
     def select(self, state: DecodeState, rows: Sequence[int]) -> DecodeState:
         """The state of `rows` only (finished rows leave), without the padding columns they no longer need."""
-        from transformers import DynamicCache
-
-        idx = torch.tensor(list(rows), dtype=torch.long, device=state.mask.device)
-        mask = state.mask.index_select(0, idx)
-        used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else mask.shape[1]
-        layers = [(layer.keys.index_select(0, idx)[:, :, start:], layer.values.index_select(0, idx)[:, :, start:])
-                  for layer in state.cache.layers]
-        return DecodeState(DynamicCache(layers, config=self.model.config), mask[:, start:],
-                           state.pos.index_select(0, idx), state.logits.index_select(0, idx))
+        return self.regroup([(state, rows)])
 
     @torch.inference_mode()
     def stream(

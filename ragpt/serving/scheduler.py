@@ -326,65 +326,144 @@ class _Prefill:
         return len(self.decoder.prepared.ids) - self.offset
 
 
+# Rows whose prompt is longer decode in a group of their own: one batch pads every row to its longest
+# cache, so a near-window prompt among short ones would make every short row attend over its length.
+LONG_PROMPT_TOKENS = 2048
+
+
+@dataclass(eq=False)
+class _Group:
+    """Rows decoded together; a row that has left stays (as None) until the group is next rebuilt."""
+
+    state: DecodeState | None = None
+    rows: list = field(default_factory=list)  # (ticket, decoder) per state row, None once it has left
+
+    @property
+    def alive(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is not None]
+
+
 class ContinuousBatcher(MicroBatcher):
     """Iteration-level scheduling over prepared requests.
 
     Each step of the worker: admit waiting requests while the batch has room (prepared with the
     one request path), run prompts under a per-step token budget (`max_prefill_tokens`: short
     prompts whole and batched, a long one in chunks, so it never stalls the others for more than
-    one chunk per step), merge the rows whose prompt is done into the running batch, then give
-    every running row its next token. A finished or cancelled row leaves at once and its slot is
-    free for the next step. Each row keeps its own department's soft prompt (prefix KV cache), and
-    greedy output equals running the request alone.
+    one chunk per step), add the rows whose prompt is done to the running batch, then give every
+    running row its next token. A finished or cancelled row frees its slot at once; its cache rows
+    are dropped when the batch is next rebuilt (when rows join, or when half of it has left), so
+    that each rebuild copies the cache once. Prompts over `LONG_PROMPT_TOKENS` decode in a group of
+    their own. Each row keeps its own department's soft prompt (prefix KV cache), and greedy
+    output equals running the request alone.
     """
 
     def __init__(self, generator: Generator, *, max_batch_size: int = 8, max_queue: int = 64,
-                 max_prefill_tokens: int = 256, policy: str = "mixed"):
+                 max_prefill_tokens: int = 1024, max_join_wait_ms: float = 200.0, policy: str = "mixed"):
         super().__init__(generator, max_batch_size=max_batch_size, max_wait_ms=0, max_queue=max_queue,
                          policy=policy)
-        if max_prefill_tokens < 1:
-            raise ValueError("max_prefill_tokens must be >= 1")
+        if max_prefill_tokens < 1 or max_join_wait_ms < 0:
+            raise ValueError("max_prefill_tokens must be >= 1 and max_join_wait_ms >= 0")
         self.max_prefill_tokens = max_prefill_tokens
+        # Rows join a running batch a few at a time (each join copies its cache once): when a quarter
+        # of the slots are free, or when the oldest waiting request has waited this long.
+        self.max_join_wait_s = max_join_wait_ms / 1000.0
         self.steps = 0  # decode steps run (for tests and metrics)
 
     def _loop(self) -> None:
-        running: list[tuple[Ticket, RowDecoder]] = []
-        state: DecodeState | None = None
+        groups = {"short": _Group(), "long": _Group()}
         prefilling: deque[_Prefill] = deque()
         while True:
             with self._cond:
-                while self._running and not running and not prefilling and (self._held or not self._waiting):
+                while self._running and not self.running_rows and not prefilling and (
+                        self._held or not self._waiting):
                     self._cond.wait()
                 if not self._running:
                     break
-                room = self.max_batch_size - len(running) - len(prefilling)
-                admitted = self._admit(room) if room > 0 and not self._held else []
+                room = self.max_batch_size - self.running_rows - len(prefilling)
+                admitted = self._admit(room) if room > 0 and not self._held and self._may_join(room) else []
             try:
                 if admitted:
                     t0 = time.perf_counter()
                     for t, d in self._prepare(admitted):
                         d.timings["queue_s"] = round(t0 - t.enqueued, 4)
                         prefilling.append(_Prefill(t, d))
-                ready = self._prefill_step(prefilling)
-                if ready:
-                    states = [s for s, _ in ready] if state is None else [state, *(s for s, _ in ready)]
-                    state = self.generator.merge(states)
-                    joined = [row for _, rows in ready for row in rows]
-                    running += joined
-                    self.stats.record([d.prepared.department for _, d in joined])
-                if running:
-                    state, running = self._decode_step(state, running)
-                self.running_rows, self.prefilling_rows = len(running), len(prefilling)
+                self._join(groups, self._prefill_step(prefilling))
+                for g in groups.values():
+                    if g.alive:
+                        self._decode_step(g)
+                self.running_rows = sum(len(g.alive) for g in groups.values())
+                self.prefilling_rows = len(prefilling)
             except Exception as e:  # a bug, not a bad request: fail what is in flight, keep the worker alive
-                for t, _ in running:
-                    t._emit("error", e)
+                for g in groups.values():
+                    for i in g.alive:
+                        g.rows[i][0]._emit("error", e)
                 for p in prefilling:
                     p.ticket._emit("error", e)
-                running, state, prefilling = [], None, deque()
-        for t, _ in running:
-            t._emit("error", BatcherStopped("the service is shutting down"))
+                groups = {"short": _Group(), "long": _Group()}
+                prefilling = deque()
+                self.running_rows = self.prefilling_rows = 0
+        for g in groups.values():
+            for i in g.alive:
+                g.rows[i][0]._emit("error", BatcherStopped("the service is shutting down"))
         for p in prefilling:
             p.ticket._emit("error", BatcherStopped("the service is shutting down"))
+
+    def _may_join(self, room: int) -> bool:
+        if not self._waiting:
+            return False
+        if not self.running_rows or room >= max(1, self.max_batch_size // 4):
+            return True
+        return time.perf_counter() - self._waiting[0].enqueued >= self.max_join_wait_s
+
+    def _join(self, groups: dict[str, _Group], ready: list[tuple[DecodeState, list[tuple[Ticket, RowDecoder]]]]
+              ) -> None:
+        """Add the rows whose prompt is done to their group; rebuild a group (one copy of its cache) when
+        rows join it or half of its rows have left."""
+        joining: dict[str, list[tuple[DecodeState, list[int], list]]] = {name: [] for name in groups}
+        for state, rows in ready:
+            for name in groups:
+                idx = [i for i, (_, d) in enumerate(rows)
+                       if (len(d.prepared.ids) > LONG_PROMPT_TOKENS) == (name == "long")]
+                if idx:
+                    joining[name].append((state, idx, [rows[i] for i in idx]))
+        for name, g in groups.items():
+            new = joining[name]
+            alive = g.alive
+            if not new and not (g.rows and 2 * (len(g.rows) - len(alive)) >= len(g.rows)):
+                continue
+            parts = ([(g.state, alive)] if alive else []) + [(s, idx) for s, idx, _ in new]
+            g.rows = [g.rows[i] for i in alive] + [r for _, _, rows in new for r in rows]
+            g.state = self.generator.regroup(parts) if parts else None
+            if new:
+                self.stats.record([d.prepared.department for _, _, rows in new for _, d in rows])
+
+    def _decode_step(self, g: _Group) -> None:
+        """Every running row of the group takes its next token; finished and cancelled rows leave."""
+        gen = self.generator
+        temps = torch.tensor([0.0 if r is None else r[1].prepared.temperature for r in g.rows], dtype=torch.float32)
+        tokens = gen.pick(g.state.logits, temps)
+        n_alive = len(g.alive)
+        for i, tok in enumerate(tokens.tolist()):
+            if g.rows[i] is None:
+                continue
+            t, d = g.rows[i]
+            if t.cancelled:
+                g.rows[i] = None
+                continue
+            piece = d.push(tok)
+            if piece:
+                t._emit("delta", piece)
+            if d.done:
+                if t.job.stream and (rest := d.rest()):
+                    t._emit("delta", rest)
+                t._emit("done", d.answer(batch_size=n_alive))
+                g.rows[i] = None
+        self.steps += 1
+        if not g.alive:
+            g.state, g.rows = None, []
+            return
+        left = torch.tensor([r is None for r in g.rows])
+        g.state = gen.advance(g.state, torch.where(left, torch.full_like(tokens, gen.pad_id), tokens))
 
     def _admit(self, room: int) -> list[Ticket]:
         live = [t for t in self._waiting if not t.cancelled][:room]
@@ -437,31 +516,3 @@ class ContinuousBatcher(MicroBatcher):
         for p in [p for p in prefilling if p.remaining == 0]:
             prefilling.remove(p)
         return ready
-
-    def _decode_step(self, state: DecodeState, running: list[tuple[Ticket, RowDecoder]]
-                     ) -> tuple[DecodeState | None, list[tuple[Ticket, RowDecoder]]]:
-        """Every running row takes its next token; finished and cancelled rows leave the batch."""
-        gen = self.generator
-        temps = torch.tensor([d.prepared.temperature for _, d in running], dtype=torch.float32)
-        tokens = gen.pick(state.logits, temps)
-        keep = []
-        for i, ((t, d), tok) in enumerate(zip(running, tokens.tolist())):
-            if t.cancelled:
-                continue
-            piece = d.push(tok)
-            if piece:
-                t._emit("delta", piece)
-            if d.done:
-                if t.job.stream and (rest := d.rest()):
-                    t._emit("delta", rest)
-                t._emit("done", d.answer(batch_size=len(running)))
-            else:
-                keep.append(i)
-        self.steps += 1
-        if not keep:
-            return None, []
-        if len(keep) < len(running):
-            state = gen.select(state, keep)
-            running = [running[i] for i in keep]
-            tokens = tokens[keep]
-        return gen.advance(state, tokens), running

@@ -7,11 +7,15 @@ Routes
     GET  /healthz                      the process is up
     GET  /readyz                       models loaded, batcher running (503 until then); with a valid key
                                        also the key's departments and why loading failed
+    GET  /metrics                      Prometheus text format, to a metrics key only (ragpt_service.metrics);
+                                       a 404 unless [metrics] lists a key
 Both chat routes stream OpenAI-format SSE chunks with `"stream": true`, ending with `data: [DONE]`.
 
 Every error is an OpenAI-style JSON body (ragpt_service.errors) with a 4xx for the client's mistakes.
 The API key is checked before the body is read; the body must be a JSON object of valid Unicode text.
 A department that does not exist and one the key may not use answer the same 404.
+A request is admitted only if it is expected to finish within its timeout (ragpt_service.admission),
+and a client that goes away, streaming or not, stops its request's work at once.
 
     from ragpt_service.app import create_app
     app = create_app(load_service_config("serve.toml"), load_settings())
@@ -53,6 +57,7 @@ from ragpt_service.errors import (
     quote,
 )
 from ragpt_service.limits import BodySizeLimit
+from ragpt_service.metrics import CLIENT_GONE, RequestRecord
 from ragpt_service.runtime import ServiceRuntime
 from ragpt_service.schemas import (
     ChatCompletionRequest,
@@ -157,15 +162,22 @@ def _check_body(content_type: str | None, raw: bytes) -> None:
                             "which is not valid Unicode text", code="invalid_text", param=where)
 
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
 class _ServiceRoute(APIRoute):
     """Checks the API key (routes under /v1/) and then the JSON body, before FastAPI parses and
-    validates it; an unexpected exception becomes a logged 500 with a request id, in JSON."""
+    validates it; an unexpected exception becomes a logged 500 with a request id, in JSON.
+    Counts every error by code, and each chat request (POST under /v1/) by department and status."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
         needs_key = self.path.startswith("/v1/")
+        is_chat = needs_key and "POST" in (self.methods or ())
 
         async def route(request: Request) -> Response:
+            metrics = request.app.state.runtime.metrics
+            record = request.state.record = metrics.start() if is_chat else None
             try:
                 if needs_key:
                     keys = request.app.state.runtime.keys
@@ -173,11 +185,28 @@ class _ServiceRoute(APIRoute):
                 if request.method in ("POST", "PUT", "PATCH"):
                     # Starlette keeps the bytes for FastAPI, which parses them again.
                     _check_body(request.headers.get("content-type"), await request.body())
-                return await handler(request)
-            except (ApiError, RequestValidationError, StarletteHTTPException):
+                response = await handler(request)
+            except ApiError as e:
+                metrics.finish(record, e.status, e.code)
+                raise
+            except RequestValidationError:
+                metrics.finish(record, 400, "invalid_request")
+                raise
+            except StarletteHTTPException as e:
+                metrics.finish(record, e.status_code, _HTTP_CODES.get(e.status_code, "http_error"))
+                raise
+            except asyncio.CancelledError:
+                metrics.finish(record, CLIENT_GONE, "client_disconnected")
                 raise
             except Exception as e:
-                raise internal_error(e) from e
+                err = internal_error(e)
+                metrics.finish(record, err.status, err.code)
+                raise err from e
+            if record is not None and not record.streaming:
+                metrics.finish(record, response.status_code,
+                               "client_disconnected" if response.status_code == CLIENT_GONE else None,
+                               answer=getattr(request.state, "answer", None))
+            return response
 
         return route
 
@@ -246,9 +275,10 @@ async def _with_deadline(ticket: Ticket, awaitable, deadline: float, what: str):
         raise from_ragpt_error(e) from e
 
 
-async def _stream(call: ChatCall, ticket: Ticket, prepared, rid: str, created: int,
-                  deadline: float) -> AsyncIterator[bytes]:
+async def _stream(rt: ServiceRuntime, record: RequestRecord, call: ChatCall, ticket: Ticket, prepared, rid: str,
+                  created: int, deadline: float) -> AsyncIterator[bytes]:
     model = _model_label(prepared.department, prepared.prompt_version)
+    status, code, answer = CLIENT_GONE, "client_disconnected", None  # unless the stream gets to its end
 
     def chunk(delta: dict, finish: str | None = None, **more) -> dict:
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -266,35 +296,78 @@ async def _stream(call: ChatCall, ticket: Ticket, prepared, rid: str, created: i
                 break
             yield _sse(chunk({"content": piece}))
         answer = await ticket.answer()
+        rt.answered(ticket, answer)
         usage = {"usage": answer.usage} if not call.openai else {}
         yield _sse(chunk({}, answer.finish_reason, **usage))
         if call.include_usage:
             yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [], "usage": answer.usage})
+        status, code = 200, None
     except ApiError as e:  # the status line is gone: report in-band, as OpenAI does
+        status, code, answer = e.status, e.code, None
         yield _sse(e.body())
     except Exception as e:
-        yield _sse(internal_error(e).body())
+        err = internal_error(e)
+        status, code, answer = err.status, err.code, None
+        yield _sse(err.body())
     finally:
-        ticket.cancel()  # no-op when done; stops the row when the client went away
+        rt.release(ticket)  # stops the row when the client went away (a no-op when done)
+        rt.metrics.finish(record, status, code, answer=answer)
     yield b"data: [DONE]\n\n"
 
 
-async def _answer(rt: ServiceRuntime, call: ChatCall):
+DISCONNECT_POLL_S = 0.05  # how often a waiting non-streaming request checks that its client is still there
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _watched(request: Request, ticket: Ticket, awaitable, deadline: float, what: str):
+    """`_with_deadline`, but a client that disconnects meanwhile cancels the ticket at once (_ClientGone)."""
+    task = asyncio.ensure_future(_with_deadline(ticket, awaitable, deadline, what))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                ticket.cancel()
+                raise _ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _answer(request: Request, rt: ServiceRuntime, call: ChatCall):
     rid = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(time.time())
     deadline = time.monotonic() + rt.config.limits.request_timeout_s
+    record: RequestRecord = request.state.record
+    record.department = call.department
     ticket = rt.submit(department=call.department, prompt=call.prompt, question=call.question,
                        history=call.history, system=call.system, overrides=call.overrides,
                        max_tokens=call.max_tokens, temperature=call.temperature, stream=call.stream)
-    # Wait for retrieval and prompt resolution before answering, so their errors get a real status.
-    prepared = await _with_deadline(ticket, ticket.prepared(), deadline, "waiting in the queue")
-    if call.stream:
-        return StreamingResponse(_stream(call, ticket, prepared, rid, created, deadline),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    answer = await _with_deadline(ticket, ticket.answer(), deadline, "while generating")
-    return JSONResponse(completion_json(call, answer, rid, created))
+    streaming = False
+    try:
+        # Wait for retrieval and prompt resolution before answering, so their errors get a real status.
+        prepared = await _watched(request, ticket, ticket.prepared(), deadline, "waiting in the queue")
+        record.prepared_at = time.perf_counter()
+        rt.running(ticket)
+        if call.stream:
+            record.streaming = streaming = True  # the stream releases the ticket and counts the request
+            return StreamingResponse(_stream(rt, record, call, ticket, prepared, rid, created, deadline),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        answer = await _watched(request, ticket, ticket.answer(), deadline, "while generating")
+        rt.answered(ticket, answer)
+        request.state.answer = answer
+        return JSONResponse(completion_json(call, answer, rid, created))
+    except _ClientGone:
+        return Response(status_code=CLIENT_GONE)  # nobody reads it; the metrics count it
+    finally:
+        if not streaming:
+            rt.release(ticket)  # whatever happened (a timeout, an error, the client gone): its work stops
 
 
 # ---------------------------------------------------------------------- the app
@@ -321,6 +394,11 @@ _WHY = {
 
 def _errors(*statuses: int) -> dict:
     return {s: {"model": ErrorBody, "description": _WHY[s]} for s in statuses}
+
+
+# With "stream": true a chat route answers OpenAI-style server-sent events instead of one JSON body.
+_STREAMED = {200: {"content": {"text/event-stream": {"schema": {}}},  # chunks, then the text [DONE]
+                   "description": "The answer; with \"stream\": true, server-sent events ending with `data: [DONE]`."}}
 
 
 def _openapi_without_422(app: FastAPI) -> Callable[[], dict]:
@@ -366,7 +444,8 @@ def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder 
     app.router.route_class = _ServiceRoute
     app.openapi = _openapi_without_422(app)
     app.state.runtime = runtime
-    app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_request_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_request_bytes,
+                       on_reject=lambda: runtime.metrics.error("request_too_large"))
     install_error_handlers(app)
 
     @app.get("/healthz")
@@ -384,14 +463,23 @@ def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder 
         body = Readiness(**rt.readiness(allowed)).model_dump(exclude_none=True)
         return JSONResponse(body, status_code=200 if rt.status == "ready" else 503)
 
+    if config.metrics.served:  # otherwise /metrics is a 404 like any unknown path
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics(request: Request, rt: ServiceRuntime = Depends(_runtime)):
+            """Prometheus text format (ragpt_service.metrics), to a metrics key only."""
+            rt.metrics.check_key(request.headers.get("authorization"))
+            body, content_type = rt.metrics.render()
+            return Response(body, media_type=content_type)
+
     @app.get("/v1/models", responses=_errors(401, 500, 503))
     async def models(allowed: frozenset[str] = Depends(_allowed), rt: ServiceRuntime = Depends(_runtime)) -> dict:
         rt.check_ready()
         return {"object": "list", "data": await asyncio.to_thread(rt.models, allowed)}
 
-    @app.post("/v1/chat/completions", responses=_errors(400, 401, 404, 413, 422, 500, 503, 504))
-    async def chat_completions(body: ChatCompletionRequest, allowed: frozenset[str] = Depends(_allowed),
-                               rt: ServiceRuntime = Depends(_runtime)):
+    @app.post("/v1/chat/completions", responses={**_STREAMED, **_errors(400, 401, 404, 413, 422, 500, 503, 504)})
+    async def chat_completions(request: Request, body: ChatCompletionRequest,
+                               allowed: frozenset[str] = Depends(_allowed), rt: ServiceRuntime = Depends(_runtime)):
         check_supported(body)
         call = await _resolve(
             rt, allowed, body.model, body.messages, k=body.k, contract=body.contract,
@@ -399,16 +487,16 @@ def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder 
             stream=body.stream, include_usage=bool(body.stream_options and body.stream_options.include_usage),
             openai=True,
         )
-        return await _answer(rt, call)
+        return await _answer(request, rt, call)
 
-    @app.post("/v1/departments/{dept}/chat", responses=_errors(400, 401, 404, 413, 500, 503, 504))
-    async def department_chat(dept: str, body: DepartmentChatRequest, allowed: frozenset[str] = Depends(_allowed),
-                              rt: ServiceRuntime = Depends(_runtime)):
+    @app.post("/v1/departments/{dept}/chat", responses={**_STREAMED, **_errors(400, 401, 404, 413, 500, 503, 504)})
+    async def department_chat(request: Request, dept: str, body: DepartmentChatRequest,
+                              allowed: frozenset[str] = Depends(_allowed), rt: ServiceRuntime = Depends(_runtime)):
         model = f"{dept}@{body.prompt_version}" if body.prompt_version else dept
         call = await _resolve(rt, allowed, model, body.messages, k=body.k, contract=body.contract,
                               max_tokens=body.max_tokens,
                               temperature=body.temperature, stream=body.stream, include_usage=False, openai=False)
-        return await _answer(rt, call)
+        return await _answer(request, rt, call)
 
     return app
 

@@ -26,6 +26,9 @@ Example (`serve.toml`; relative paths are relative to this file):
     max_tokens = 512
     request_timeout_s = 60
 
+    [metrics]                     # GET /metrics (Prometheus); 404 while no key is listed
+    api_keys = ["..."]            # sha256 hex; never a department's key
+
 API keys are stored only as sha256 hex digests: `ragpt_service.auth.hash_api_key("the key")`.
 """
 
@@ -54,6 +57,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _hashed_keys(keys: list[str]) -> list[str]:
+    out = []
+    for k in keys:
+        k = k.strip().lower()
+        if not SHA256_HEX.match(k):
+            raise ValueError("api_keys must be sha256 hex digests (64 hex characters), never plain keys; "
+                             "compute them with ragpt_service.auth.hash_api_key")
+        out.append(k)
+    return out
+
+
 class DepartmentConfig(_Strict):
     index: str | None = None  # default: the top-level `index`
     api_keys: list[str] = Field(default_factory=list)  # sha256 hex digests of the keys
@@ -62,14 +76,24 @@ class DepartmentConfig(_Strict):
     @field_validator("api_keys")
     @classmethod
     def _hashed(cls, keys: list[str]) -> list[str]:
-        out = []
-        for k in keys:
-            k = k.strip().lower()
-            if not SHA256_HEX.match(k):
-                raise ValueError("api_keys must be sha256 hex digests (64 hex characters), never plain keys; "
-                                 "compute them with ragpt_service.auth.hash_api_key")
-            out.append(k)
-        return out
+        return _hashed_keys(keys)
+
+
+class MetricsConfig(_Strict):
+    """GET /metrics, the Prometheus text format. It answers only a metrics key (never a department's
+    key, nor `require_api_key = false`); with no key listed, or `enabled = false`, it is a 404."""
+
+    enabled: bool = True
+    api_keys: list[str] = Field(default_factory=list)  # sha256 hex digests of the metrics keys
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashed(cls, keys: list[str]) -> list[str]:
+        return _hashed_keys(keys)
+
+    @property
+    def served(self) -> bool:
+        return self.enabled and bool(self.api_keys)
 
 
 class RouterConfig(_Strict):
@@ -104,7 +128,9 @@ class LimitsConfig(_Strict):
     default_max_tokens: int | None = Field(None, ge=1)  # None: ragpt's max_new_tokens setting
     max_k: int = Field(10, ge=1, le=100)
     request_timeout_s: float = Field(60.0, gt=0)
-    retry_after_s: int = Field(1, ge=1)  # Retry-After of a 503 when the queue is full
+    # Retry-After of a 503 when the queue is full before any answer was measured; afterwards the
+    # service computes it from its measured speed.
+    retry_after_s: int = Field(1, ge=1)
 
 
 class ServiceConfig(_Strict):
@@ -116,11 +142,15 @@ class ServiceConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> ServiceConfig:
         if not self.departments:
             raise ValueError("list at least one department under [departments.NAME]")
+        shared = set(self.metrics.api_keys) & {k for d in self.departments.values() for k in d.api_keys}
+        if shared:
+            raise ValueError("a metrics key must not also be a department's key: give /metrics keys of its own")
         for name, dept in self.departments.items():
             if not NAME_RE.match(name) or name in RESERVED_MODELS:
                 raise ValueError(f"invalid department name {name!r} (letters, digits, '_', '-', '.'; not 'auto')")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 
@@ -12,9 +13,10 @@ from ragpt_service.errors import ApiError
 class BodySizeLimit:
     """Answer 413 when Content-Length, or the bytes actually received, exceed `max_bytes`."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, on_reject: Callable[[], None] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.on_reject = on_reject  # called for a body refused here, before any route saw it (metrics)
 
     def _message(self) -> str:
         return f"request body exceeds {self.max_bytes} bytes"
@@ -37,6 +39,8 @@ class BodySizeLimit:
                 except ValueError:
                     too_large = False
                 if too_large:
+                    if self.on_reject is not None:
+                        self.on_reject()
                     return await self._reject(send)
         received = 0
         started = False

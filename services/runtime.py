@@ -1,7 +1,9 @@
 """The service's resources, loaded once: models, one pipeline per index, the router, the batcher, the keys.
 
 Everything HTTP-free lives here, so the routes in `ragpt_service.app` stay thin: which department
-and prompt version a `model` string names, `auto` routing, submission with backpressure.
+and prompt version a `model` string names, `auto` routing, submission with admission
+(`ragpt_service.admission`: a request is taken only if it is expected to finish in its timeout),
+the requests being answered and the service's measured speed.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from ragpt.serving.pipeline import Pipeline
 from ragpt.serving.request import ChatRequest, Turn
 from ragpt.serving.scheduler import BatcherStopped, ChatJob, ContinuousBatcher, MicroBatcher, Overloaded, Ticket
 from ragpt.softprompts.registry import UnknownPromptDepartmentError
+from ragpt_service.admission import Estimate, Live, ServiceRate, estimate, full_queue_retry_after_s, retry_after_s
 from ragpt_service.auth import KeyRing
 from ragpt_service.config import ServiceConfig
 from ragpt_service.errors import ApiError, quote
+from ragpt_service.metrics import ServiceMetrics
 
 log = logging.getLogger("ragpt.service")
 
@@ -76,6 +80,9 @@ class ServiceRuntime:
         self.status = "loading"  # -> "ready" or "failed"
         self.error: str | None = None
         self.started = time.time()
+        self.rate = ServiceRate()  # measured from finished answers; admission uses it
+        self._live: dict[Ticket, Live] = {}  # submitted and not yet released by its route
+        self.metrics = ServiceMetrics(self)
 
     # -------------------------------------------------------------- lifecycle
     def load(self) -> None:
@@ -217,19 +224,62 @@ class ServiceRuntime:
                                 "name the department as the model", code="routing_uncertain", param="model")
         return decision.department, "none", report
 
+    @property
+    def default_max_tokens(self) -> int:
+        """What a request without max_tokens gets; never over the limit."""
+        limits = self.config.limits
+        return min(limits.default_max_tokens or self.settings.max_new_tokens, limits.max_tokens)
+
+    @property
+    def inflight(self) -> int:
+        """Requests submitted and still being answered (queued or running; an abandoned one leaves at once)."""
+        return len(self._live)
+
+    def estimate(self, max_tokens: int | None = None) -> Estimate | None:
+        """When a new request of `max_tokens` would finish, from the measured speed (None: nothing measured)."""
+        slots = self.batcher.max_batch_size if self.batcher is not None else self.config.batching.max_batch_size
+        return estimate(self.rate, list(self._live.values()), slots, max_tokens or self.default_max_tokens)
+
     def submit(self, *, department: str, prompt: str, question: str, history: tuple[Turn, ...],
                system: str | None, overrides: dict | None, max_tokens: int | None, temperature: float | None,
                stream: bool) -> Ticket:
+        """Queue a request if it is expected to finish within the timeout (503 `overloaded` if not).
+        The caller must `release` the ticket when it is done with it, whatever happened."""
         self.check_ready()
-        limits = self.config.limits
-        # A request without max_tokens gets the default, which never exceeds the limit.
-        default = min(limits.default_max_tokens or self.settings.max_new_tokens, limits.max_tokens)
+        timeout = self.config.limits.request_timeout_s
+        max_new = max_tokens or self.default_max_tokens
+        est = self.estimate(max_new)
+        if est is not None and est.wait_s > 0 and est.total_s > timeout:
+            retry = retry_after_s(est, timeout)
+            ahead = f"{est.ahead} request{' is' if est.ahead == 1 else 's are'}"
+            raise ApiError(503, f"overloaded: {ahead} ahead of this one, which is expected to finish in "
+                                f"{est.total_s:.2f}s, over the {timeout:g}s timeout; retry in {retry}s",
+                           code="overloaded", headers={"Retry-After": str(retry)})
         request = ChatRequest(question, department, history=history, system=system, prompt=prompt,
-                              overrides=overrides, max_new_tokens=max_tokens or default, temperature=temperature)
+                              overrides=overrides, max_new_tokens=max_new, temperature=temperature)
         try:
-            return self.batcher.submit(ChatJob(request, self.pipelines[department], stream=stream))
+            ticket = self.batcher.submit(ChatJob(request, self.pipelines[department], stream=stream))
         except Overloaded as e:
-            raise ApiError(503, f"overloaded: {e}; retry later", code="overloaded",
-                           headers={"Retry-After": str(self.config.limits.retry_after_s)}) from e
+            retry = full_queue_retry_after_s(est, timeout) if est is not None else self.config.limits.retry_after_s
+            raise ApiError(503, f"overloaded: {e}; retry in {retry}s", code="overloaded",
+                           headers={"Retry-After": str(retry)}) from e
         except BatcherStopped as e:
             raise ApiError(503, str(e), code="not_ready", headers={"Retry-After": "5"}) from e
+        self._live[ticket] = Live(max_new)
+        return ticket
+
+    def running(self, ticket: Ticket) -> None:
+        """The ticket's request is prepared: its row runs from now (for the estimate of those behind it)."""
+        live = self._live.get(ticket)
+        if live is not None and live.started is None:
+            live.started = time.monotonic()
+
+    def answered(self, ticket: Ticket, answer) -> None:
+        """Learn the service's speed from a finished answer."""
+        self.rate.observe(answer.timings, answer.usage.get("completion_tokens", 0),
+                          ticket.job.request.max_new_tokens or self.default_max_tokens)
+
+    def release(self, ticket: Ticket) -> None:
+        """The route is done with the ticket (answered, failed, timed out or abandoned): stop its work."""
+        ticket.cancel()  # a no-op when it is done
+        self._live.pop(ticket, None)

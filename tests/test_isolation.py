@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
 import torch
-from conftest import build_tiny_model, free_port
+from conftest import build_tiny_model, live_server
 
 from ragpt.data.documents import expand_paths, read_document
 from ragpt.data.sample import SAMPLE_DEPARTMENTS, department_dir
@@ -314,30 +310,10 @@ def source_departments(settings) -> dict[str, set[str]]:
     return out
 
 
-@contextmanager
-def _live(app) -> Iterator[str]:
-    """uvicorn on 127.0.0.1 in a thread; stops when the block ends (bounded waits both ways)."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(1200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def live(settings, real_embedder, gen):
     app = create_app(_config(), settings, embedder=real_embedder, generator=gen, background_load=False)
-    with _live(app) as url, httpx.Client(base_url=url, timeout=120) as c:
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as c:
         yield c
 
 

@@ -12,15 +12,13 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import build_tiny_model, free_port
+from conftest import build_tiny_model, free_port, live_server
 from fastapi.testclient import TestClient
 
 from ragpt.lm.generator import Generator
@@ -596,30 +594,10 @@ def test_a_service_that_cannot_load_is_not_ready_and_says_why(settings, real_emb
 # --------------------------------------------------------------------------- live server
 
 
-@contextmanager
-def _live(app):
-    """uvicorn on 127.0.0.1 in a thread; stops when the block ends (bounded waits both ways)."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(600):
-            if server.started:
-                break
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def live(settings, real_embedder, gen):
     app = _app(settings, real_embedder, gen)
-    with _live(app) as url:
+    with live_server(app) as url:
         yield url, app.state.runtime
 
 
@@ -673,7 +651,7 @@ def test_concurrent_requests_of_three_departments_share_one_batch_on_the_live_se
             rt.batcher.release()
             return before, await asyncio.gather(*tasks)
 
-    with _live(app) as url:
+    with live_server(app) as url:
         rt = app.state.runtime
         assert type(rt.batcher).__name__ == {"static": "MicroBatcher", "continuous": "ContinuousBatcher"}[scheduler]
         before, responses = asyncio.run(main(url, rt))

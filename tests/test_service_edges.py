@@ -15,15 +15,13 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import build_tiny_model, free_port
+from conftest import build_tiny_model, free_port, live_server
 from fastapi.testclient import TestClient
 
 from ragpt.lm.generator import Generator
@@ -102,30 +100,10 @@ def client(settings, real_embedder, gen):
         yield c
 
 
-@contextmanager
-def _live(app):
-    """uvicorn on 127.0.0.1 in a thread; stops when the block ends (bounded waits both ways)."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(600):
-            if server.started:
-                break
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def live(settings, real_embedder, gen):
     app = _app(settings, real_embedder, gen, limits={"max_request_bytes": 32 * 1024})
-    with _live(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         yield c
 
 
@@ -407,7 +385,7 @@ def test_harmless_openai_parameters_are_accepted(client):
 def test_the_openai_client_gets_bad_request_for_unsupported_parameters(settings, real_embedder, gen):
     import openai
 
-    with _live(_app(settings, real_embedder, gen)) as url:
+    with live_server(_app(settings, real_embedder, gen)) as url:
         oc = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS["hr"], max_retries=0, timeout=60)
         out = oc.chat.completions.create(model="hr", messages=_chat(HR_Q), max_tokens=MAX_TOKENS, user="alice",
                                          top_p=1, metadata={"ticket": "42"})

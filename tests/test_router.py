@@ -71,7 +71,9 @@ def test_routing_is_restricted_to_the_allowed_departments(router):
     assert d.department in {"hr", "finance"}
     assert set(d.scores) == {"hr", "finance"}
     only = router.route(q, allowed=["finance"])
-    assert only.department == "finance" and only.confidence == pytest.approx(1.0)
+    assert only.department == "finance" and only.share == pytest.approx(1.0)
+    # The confidence is absolute: one candidate does not make an unrelated question certain.
+    assert only.confidence < 0.5
 
 
 def test_confidence_is_high_for_a_clear_question_and_near_uniform_for_a_vague_one(router):
@@ -80,6 +82,37 @@ def test_confidence_is_high_for_a_clear_question_and_near_uniform_for_a_vague_on
     vague = router.route("hello")
     assert vague.confidence < clear.confidence
     assert max(vague.scores, key=vague.scores.get) == vague.department
+
+
+DEFAULT_MIN_CONFIDENCE = 0.5  # services/config.py RouterConfig.min_confidence
+OFF_TOPIC = ["What is the capital of France?", "How do I bake sourdough bread at home?",
+             "Who won the 2018 FIFA World Cup?", "How tall is Mount Everest?"]
+
+
+def test_off_topic_questions_fall_below_the_default_threshold_on_topic_ones_above(router):
+    for allowed in (None, ["hr", "it"]):
+        for d in router.route_many(OFF_TOPIC, allowed):
+            assert d.confidence < DEFAULT_MIN_CONFIDENCE, d.to_dict()
+    # Between two departments the relative share is always >= 0.5: it could never refuse.
+    france = router.route("What is the capital of France?", allowed=["hr", "it"])
+    assert france.share >= 0.5 > france.confidence
+    for dept in SAMPLE_DEPARTMENTS:
+        qs = [q.question for q in sample_questions(dept)]
+        confs = [d.confidence for d in router.route_many(qs)]
+        assert min(confs) >= DEFAULT_MIN_CONFIDENCE, (dept, min(confs))
+
+
+def test_the_relative_share_is_still_reported(router):
+    d = router.route("How many weeks of paid parental leave do fathers get?")
+    rep = d.to_dict()
+    assert set(rep) >= {"department", "confidence", "share", "similarity", "scores"}
+    assert rep["share"] == round(d.share, 4) and 0 < d.share <= 1
+    assert rep["similarity"] == round(d.scores["hr"], 4)
+    assert sum(np.exp(np.array(list(d.scores.values())) / router.temperature)
+               / np.exp(d.similarity / router.temperature)) == pytest.approx(1 / d.share, rel=1e-3)
+    assert rep["confidence"] < 1.0  # never rounded up to a certainty
+    rep = routing_accuracy(router, _labelled())
+    assert 0 < rep["mean_share"] <= 1 and 0 < rep["mean_confidence"] < 1
 
 
 def test_example_questions_define_a_department(index, real_embedder):

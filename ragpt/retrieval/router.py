@@ -10,10 +10,16 @@ re-embedded), or of example questions when the department supplies them. Two sco
   correctly against 87% for centroids, on doc2dial agencies 93% against 83%.
 - "centroid": cosine similarity to the normalised mean vector (one vector per department).
 
-Confidence is a softmax over the candidates' scores divided by `temperature`: cosines of one
-embedder live in a narrow band, so a small temperature turns a clear margin into a confidence
-near 1 and a near-tie into about 1/len(candidates). Candidates can be restricted per call, so
-an API key that may use two departments only ever routes between those two.
+Confidence is ABSOLUTE: how close the question is to the chosen department's material at all,
+sigmoid((similarity - CONFIDENCE_CENTER) / CONFIDENCE_SCALE), where similarity is the winner's raw
+score above. A question no department covers ("What is the capital of France?") scores low for
+every department, so it gets a low confidence however the candidates compare. The calibration was
+measured (benchmarks/routing_accuracy.py): on-topic questions score 0.30-0.95 (sample corpus and
+doc2dial), 30 off-topic questions 0.04-0.23, so the centre 0.27 puts the service's default
+`min_confidence` 0.5 between them. The old relative confidence, a softmax over the candidates'
+scores divided by `temperature` (1/len(candidates) for a tie, near 1 for a clear margin, always 1
+with one candidate), is kept as `share`. Candidates can be restricted per call, so an API key that
+may use two departments only ever routes between those two.
 """
 
 from __future__ import annotations
@@ -30,16 +36,36 @@ from ragpt.retrieval.index import DocumentIndex
 METHODS = ("nearest", "centroid")
 DEFAULT_TEMPERATURE = 0.05
 DEFAULT_TOP_M = 3
+# confidence = sigmoid((similarity - CENTER) / SCALE): 0.5 at similarity 0.27, 0.8 at ~0.33, 0.2 at ~0.21.
+CONFIDENCE_CENTER = 0.27
+CONFIDENCE_SCALE = 0.04
+
+
+def absolute_confidence(similarity: float, center: float = CONFIDENCE_CENTER,
+                        scale: float = CONFIDENCE_SCALE) -> float:
+    """A raw cosine score mapped to (0, 1); 0.5 at `center`."""
+    return float(1.0 / (1.0 + np.exp(-(float(similarity) - center) / scale)))
 
 
 @dataclass
 class RouteDecision:
     department: str  # the best-scoring department among the candidates
-    confidence: float  # its softmax share, in (0, 1]
+    confidence: float  # absolute: its similarity mapped to (0, 1), see absolute_confidence
     scores: dict[str, float] = field(default_factory=dict)  # similarity score per candidate
+    share: float = 1.0  # relative: its softmax share among the candidates, in (0, 1]
+
+    @property
+    def similarity(self) -> float:
+        """The chosen department's raw score."""
+        return self.scores.get(self.department, 0.0)
 
     def to_dict(self) -> dict:
-        return {"department": self.department, "confidence": round(self.confidence, 4),
+        # A confidence below 1 never reads as 1 after rounding (a threshold of 1.0 stays unreachable).
+        conf = round(self.confidence, 4)
+        if conf >= 1.0 > self.confidence:
+            conf = 0.9999
+        return {"department": self.department, "confidence": conf, "share": round(self.share, 4),
+                "similarity": round(self.similarity, 4),
                 "scores": {d: round(s, 4) for d, s in self.scores.items()}}
 
 
@@ -63,13 +89,16 @@ class DepartmentRouter:
     """Picks a department for a question among the allowed candidates."""
 
     def __init__(self, embedder: Embedder, vectors: Mapping[str, np.ndarray], *, method: str = "nearest",
-                 top_m: int = DEFAULT_TOP_M, temperature: float = DEFAULT_TEMPERATURE):
+                 top_m: int = DEFAULT_TOP_M, temperature: float = DEFAULT_TEMPERATURE,
+                 confidence_center: float = CONFIDENCE_CENTER, confidence_scale: float = CONFIDENCE_SCALE):
         if not vectors:
             raise RagptError("a router needs at least one department")
         if method not in METHODS:
             raise ValueError(f"unknown routing method {method!r}; use one of {', '.join(METHODS)}")
-        if temperature <= 0 or top_m < 1:
-            raise ValueError("temperature must be positive and top_m at least 1")
+        if temperature <= 0 or top_m < 1 or confidence_scale <= 0:
+            raise ValueError("temperature and confidence_scale must be positive and top_m at least 1")
+        self.confidence_center = float(confidence_center)
+        self.confidence_scale = float(confidence_scale)
         self.embedder = embedder
         self.method = method
         self.top_m = 1 if method == "centroid" else int(top_m)
@@ -126,7 +155,8 @@ class DepartmentRouter:
         out = []
         for row, p in zip(scores, probs):
             best = int(np.argmax(row))
-            out.append(RouteDecision(department=names[best], confidence=float(p[best]),
+            conf = absolute_confidence(row[best], self.confidence_center, self.confidence_scale)
+            out.append(RouteDecision(department=names[best], confidence=conf, share=float(p[best]),
                                      scores={n: float(s) for n, s in zip(names, row)}))
         return out
 
@@ -138,7 +168,7 @@ def routing_accuracy(router: DepartmentRouter, labelled: Iterable[tuple[str, str
                      thresholds: Sequence[float] = (0.5, 0.8), batch_size: int = 64) -> dict:
     """Accuracy of `router` on (question, department) pairs, per department and as a confusion table.
 
-    For each threshold t it also reports coverage (share of questions routed with confidence >= t)
+    For each threshold t it also reports coverage (share of questions routed with (absolute) confidence >= t)
     and the accuracy on those: what a `min_confidence` setting trades.
     """
     pairs = list(labelled)
@@ -167,6 +197,7 @@ def routing_accuracy(router: DepartmentRouter, labelled: Iterable[tuple[str, str
         "n": len(pairs),
         "accuracy": round(correct / len(pairs), 4),
         "mean_confidence": round(float(np.mean([d.confidence for d in decisions])), 4),
+        "mean_share": round(float(np.mean([d.share for d in decisions])), 4),
         "per_department": dict(sorted(per.items())),
         "confusion": {g: dict(sorted(c.items())) for g, c in sorted(confusion.items())},
         "at_confidence": at,

@@ -12,7 +12,8 @@ and a new request, with `live` requests queued or running ahead of it on `slots`
 
     estimate = cost(own) + (sum of the remaining cost of those ahead / slots   if live >= slots, else 0)
 
-(a running request's remaining cost is its cost less the time it has run). When the estimate is
+(a running request's remaining cost is its cost less the time it has run), both scaled by the
+measured ratio of actual to predicted time of finished requests (`calibration`). When the estimate is
 over `limits.request_timeout_s` the request is refused with 503 `overloaded` and a `Retry-After`
 of the seconds until the queue ahead would have drained enough for it to fit (rounded up, at
 least 1). A request that would start at once is always taken (no one ahead to wait for), and
@@ -40,6 +41,9 @@ class ServiceRate:
         self.overhead_s: float | None = None  # prepare + first token of a request
         self.token_s: float | None = None  # each further token of a row, at the batch sizes seen
         self.fill: float | None = None  # completion tokens / max_tokens
+        # Measured time from admission to answer over what was predicted then: the per-request speeds
+        # above are measured at the batch sizes seen, and a full batch is slower per row than they say.
+        self.calibration = 1.0
         self.answers = 0  # answers measured
 
     @property
@@ -57,6 +61,11 @@ class ServiceRate:
             self.token_s = _ewma(self.token_s, max(0.0, generate - first) / (completion_tokens - 1), self.alpha)
         self.fill = _ewma(self.fill, min(1.0, completion_tokens / max(1, max_new_tokens)), self.alpha)
         self.answers += 1
+
+    def observe_finish(self, predicted_s: float, actual_s: float) -> None:
+        """Learn how far off the prediction made at admission was (clamped to a sane range)."""
+        if predicted_s > 0 and actual_s > 0:
+            self.calibration = _ewma(self.calibration, min(5.0, max(0.5, actual_s / predicted_s)), self.alpha)
 
     def cost(self, max_tokens: int) -> float | None:
         """Expected seconds of work for a request asking for up to `max_tokens` (None: nothing measured)."""
@@ -77,6 +86,8 @@ class Live:
 
     max_tokens: int
     started: float | None = None
+    admitted: float = 0.0  # time.monotonic() at admission
+    predicted_s: float | None = None  # the estimate it was admitted with (calibrated)
 
 
 @dataclass
@@ -96,6 +107,7 @@ def estimate(rate: ServiceRate, live: list[Live], slots: int, max_tokens: int,
     own = rate.cost(max_tokens)
     if own is None:
         return None
+    own *= rate.calibration
     if len(live) < slots:
         return Estimate(own, 0.0, len(live))
     now = time.monotonic() if now is None else now
@@ -103,7 +115,7 @@ def estimate(rate: ServiceRate, live: list[Live], slots: int, max_tokens: int,
     for r in live:
         c = rate.cost(r.max_tokens) or 0.0
         ahead += max(0.0, c - (now - r.started)) if r.started is not None else c
-    return Estimate(own, ahead / slots, len(live))
+    return Estimate(own, rate.calibration * ahead / slots, len(live))
 
 
 def retry_after_s(est: Estimate, timeout_s: float) -> int:

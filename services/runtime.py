@@ -265,7 +265,7 @@ class ServiceRuntime:
                            headers={"Retry-After": str(retry)}) from e
         except BatcherStopped as e:
             raise ApiError(503, str(e), code="not_ready", headers={"Retry-After": "5"}) from e
-        self._live[ticket] = Live(max_new)
+        self._live[ticket] = Live(max_new, admitted=time.monotonic(), predicted_s=est.total_s if est else None)
         return ticket
 
     def running(self, ticket: Ticket) -> None:
@@ -278,6 +278,9 @@ class ServiceRuntime:
         """Learn the service's speed from a finished answer."""
         self.rate.observe(answer.timings, answer.usage.get("completion_tokens", 0),
                           ticket.job.request.max_new_tokens or self.default_max_tokens)
+        live = self._live.get(ticket)
+        if live is not None and live.predicted_s:
+            self.rate.observe_finish(live.predicted_s, time.monotonic() - live.admitted)
 
     def release(self, ticket: Ticket) -> None:
         """The route is done with the ticket (answered, failed, timed out or abandoned): stop its work."""

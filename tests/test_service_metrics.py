@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from conftest import live_server
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from test_service import (
@@ -23,7 +24,6 @@ from test_service import (
     _chat,
     _config,
     _in_process,
-    _live,
     _make_registry,
     _tiny_generator,
     _wait_queued,
@@ -301,7 +301,7 @@ def test_a_non_streaming_client_that_disconnects_while_queued_frees_its_slot(set
             scraped = await c.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
         return rows, inflight, freed_s, ok, scraped
 
-    with _live(app) as url:
+    with live_server(app) as url:
         rows, inflight, freed_s, ok, scraped = asyncio.run(main(url))
     assert inflight == 0 and freed_s < 1.0
     # The abandoned request was dropped from the queue: only the next one ran.
@@ -338,7 +338,7 @@ def test_a_non_streaming_client_that_disconnects_while_generating_stops_its_row(
                 await asyncio.sleep(0.005)
             return full, full_steps, running, rt.batcher.steps - steps, rt.inflight
 
-    with _live(app) as url:
+    with live_server(app) as url:
         full, full_steps, running, cut_steps, inflight = asyncio.run(main(url))
     assert full.status_code == 200
     n = full.json()["usage"]["completion_tokens"]

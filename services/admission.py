@@ -63,9 +63,10 @@ class ServiceRate:
         self.answers += 1
 
     def observe_finish(self, predicted_s: float, actual_s: float) -> None:
-        """Learn how far off the prediction made at admission was (clamped to a sane range)."""
+        """Learn how far off the prediction made at admission of a request that had to wait was
+        (clamped: one odd request must not swing admission far)."""
         if predicted_s > 0 and actual_s > 0:
-            self.calibration = _ewma(self.calibration, min(5.0, max(0.5, actual_s / predicted_s)), self.alpha)
+            self.calibration = _ewma(self.calibration, min(2.0, max(0.75, actual_s / predicted_s)), self.alpha)
 
     def cost(self, max_tokens: int) -> float | None:
         """Expected seconds of work for a request asking for up to `max_tokens` (None: nothing measured)."""

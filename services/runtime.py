@@ -265,7 +265,9 @@ class ServiceRuntime:
                            headers={"Retry-After": str(retry)}) from e
         except BatcherStopped as e:
             raise ApiError(503, str(e), code="not_ready", headers={"Retry-After": "5"}) from e
-        self._live[ticket] = Live(max_new, admitted=time.monotonic(), predicted_s=est.total_s if est else None)
+        # Only predictions that included a wait calibrate admission: they are the ones it decides on.
+        predicted = est.total_s if est is not None and est.wait_s > 0 else None
+        self._live[ticket] = Live(max_new, admitted=time.monotonic(), predicted_s=predicted)
         return ticket
 
     def running(self, ticket: Ticket) -> None:

@@ -23,39 +23,23 @@ import pytest
 import torch
 from conftest import build_tiny_model, free_port, live_server
 from fastapi.testclient import TestClient
+from test_service import HR_Q, IT_Q, KEYS, _auth, _config
 
 from ragpt.lm.generator import Generator
 from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
 from ragpt.softprompts.registry import PromptRegistry
 from ragpt_service.app import create_app
 from ragpt_service.auth import hash_api_key
-from ragpt_service.config import ServiceConfig
 
 pytestmark = pytest.mark.integration  # real embedder and sample index
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 4
-KEYS = {"hr": "key-hr", "itfin": "key-it-and-finance", "all": "key-all"}
-HR_Q = "How many vacation days does a full-time employee in Munich get per year?"
-IT_Q = "How do I connect to the VPN from home?"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads(one_torch_thread_per_module):
     """See conftest.one_torch_thread_per_module."""
-
-
-def _auth(key: str) -> dict:
-    return {"Authorization": f"Bearer {KEYS[key]}"}
-
-
-def _config(**over) -> ServiceConfig:
-    depts = {
-        "hr": {"api_keys": [hash_api_key(KEYS["hr"]), hash_api_key(KEYS["all"])]},
-        "it": {"api_keys": [hash_api_key(KEYS["itfin"]), hash_api_key(KEYS["all"])]},
-        "finance": {"api_keys": [hash_api_key(KEYS["itfin"]), hash_api_key(KEYS["all"])]},
-    }
-    return ServiceConfig.model_validate({"index": "sample", "departments": depts, **over})
 
 
 def _chat(question: str) -> list[dict]:

@@ -166,11 +166,7 @@ def test_real_generator_mixed_departments_with_prefix_cache_equal_each_request_a
 
 @pytest.fixture(scope="module")
 def tiny_gen(tiny_tokenizer):
-    """A 4096-position window (its config says 512; its rotary positions work at any length): prompts
-    are capped at the model's window, and one sample chunk alone is ~550 tiny-tokenizer tokens."""
-    model = build_tiny_model(tiny_tokenizer)
-    model.config.max_position_embeddings = 4096
-    return Generator(model, tiny_tokenizer)
+    return Generator(build_tiny_model(tiny_tokenizer), tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -278,9 +278,7 @@ def _config() -> ServiceConfig:
 
 @pytest.fixture(scope="module")
 def gen(tiny_tokenizer):
-    model = build_tiny_model(tiny_tokenizer)
-    model.config.max_position_embeddings = 4096  # room for five sample chunks in the prompt
-    return Generator(model, tiny_tokenizer)
+    return Generator(build_tiny_model(tiny_tokenizer), tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ N_SOFT = 4  # tokens of hr's soft prompt
 # The tiny model states 512 positions, less than two ~500-token sample chunks need; its rotary
 # positions work for any length, so the pipeline's model gets a window (and the prompt a budget)
 # that fits the retrieved passages: otherwise no passage would ever make it into a prompt.
-WINDOW, PROMPT_BUDGET = 4096, 2048
+PROMPT_BUDGET = 2048
 HR_QUERY_RULE = "user:2"  # hr v1's own contract: the question plus the user turn before it
 Q_IT = sample_questions("it")[0].question
 Q_HR = sample_questions("hr")[0].question
@@ -59,9 +59,7 @@ Q_FIN = sample_questions("finance")[0].question
 def pipe(sample_index, real_embedder, tiny_tokenizer, tmp_path_factory) -> Pipeline:
     """The sample index, the real embedder and the tiny generator; hr has an active soft prompt (v1)."""
     settings, name = sample_index
-    model = build_tiny_model(tiny_tokenizer)
-    model.config.max_position_embeddings = WINDOW
-    gen = Generator(model, tiny_tokenizer)
+    gen = Generator(build_tiny_model(tiny_tokenizer), tiny_tokenizer)
     prompt_dir = tmp_path_factory.mktemp("prompts")
     s = settings.model_copy(update={"k": 2, "max_new_tokens": MAX_NEW, "max_context_tokens": PROMPT_BUDGET,
                                     "prompt_dir": prompt_dir})

@@ -94,12 +94,7 @@ def _make_registry(root: Path, model) -> Path:
 
 
 def _tiny_generator(tokenizer) -> Generator:
-    """The tiny generator with a 4096-position window. Its config says 512, and prompts are capped
-    at the model's window: a sample chunk alone is ~550 tiny-tokenizer tokens, so no passage
-    would reach the prompt. Its rotary positions work at any length."""
-    model = build_tiny_model(tokenizer)
-    model.config.max_position_embeddings = 4096
-    return Generator(model, tokenizer)
+    return Generator(build_tiny_model(tokenizer), tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -310,8 +310,8 @@ class Generator:
 
     # ------------------------------------------------------------------ decoding primitives
     # A scheduler composes these: `prefill` rows (all at once, or a long prompt in chunks with
-    # `extend`), `merge` them into the running batch, `pick` each row's next token, `select` the
-    # rows that go on, `advance` them one token. `stream` is the static composition of the same.
+    # `extend`), `regroup` them with the running batch (rows that left dropped), `pick` each row's
+    # next token, `advance` them one token. `stream` is the static composition of the same.
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[Sequence[int]], soft_prompts: Sequence[torch.Tensor | None] | None = None,
@@ -427,14 +427,6 @@ class Generator:
         pos = torch.cat([s.pos[idx] for s, idx, _ in chosen])
         logits = torch.cat([s.logits[idx] for s, idx, _ in chosen])
         return DecodeState(DynamicCache(layers, config=self.model.config), mask, pos, logits)
-
-    def merge(self, states: Sequence[DecodeState]) -> DecodeState:
-        """One batch of several states' rows (see `regroup`)."""
-        return states[0] if len(states) == 1 else self.regroup([(s, None) for s in states])
-
-    def select(self, state: DecodeState, rows: Sequence[int]) -> DecodeState:
-        """The state of `rows` only (finished rows leave), without the padding columns they no longer need."""
-        return self.regroup([(state, rows)])
 
     @torch.inference_mode()
     def stream(

@@ -312,7 +312,6 @@ def generate_answers(generator: Generator, rows: Sequence[PreparedRequest], *, s
     """Answer prepared rows in one batched generation."""
     if not rows:
         return []
-    t0 = time.perf_counter()
     decoders = [RowDecoder(r, generator) for r in rows]
     steps = decode(generator, rows, seed=seed)
     try:
@@ -322,13 +321,11 @@ def generate_answers(generator: Generator, rows: Sequence[PreparedRequest], *, s
                     d.push(tok)
     finally:
         steps.close()
-    generate_s = round(time.perf_counter() - t0, 4)
-    return [d.answer(generate_s=generate_s) for d in decoders]
+    return [d.answer() for d in decoders]
 
 
 def stream_answer(generator: Generator, row: PreparedRequest, *, seed: int | None = None) -> Iterator[str | Answer]:
     """Text pieces of one answer as they are generated, then the `Answer` (its text = the pieces joined)."""
-    t0 = time.perf_counter()
     d = RowDecoder(row, generator, stream=True)
     steps = decode(generator, [row], seed=seed)
     try:
@@ -339,4 +336,4 @@ def stream_answer(generator: Generator, row: PreparedRequest, *, seed: int | Non
         steps.close()  # a consumer that stops early stops the forward passes too
     if tail := d.rest():
         yield tail
-    yield d.answer(generate_s=round(time.perf_counter() - t0, 4))
+    yield d.answer()

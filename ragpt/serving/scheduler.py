@@ -250,7 +250,6 @@ class MicroBatcher:
         return batch
 
     def _run(self, batch: list[Ticket]) -> None:
-        t0 = time.perf_counter()
         try:
             rows = self._prepare(batch)
         except Exception as e:  # a bug, not a bad request: fail this batch, keep the worker alive
@@ -259,11 +258,10 @@ class MicroBatcher:
             return
         if not rows:
             return
-        t1 = time.perf_counter()
         self.stats.record([d.prepared.department for _, d in rows])
         self.running_rows = len(rows)
         try:
-            self._generate(rows, t0, t1)
+            self._generate(rows)
         except Exception as e:
             for t, d in rows:
                 if not d.done:
@@ -272,7 +270,9 @@ class MicroBatcher:
             self.running_rows = 0
 
     def _prepare(self, batch: list[Ticket]) -> list[tuple[Ticket, RowDecoder]]:
-        """The one request path's prepare, one call per pipeline; a job that fails gets its own error."""
+        """The one request path's prepare, one call per pipeline; a job that fails gets its own error.
+        Each row's answer reports how long its job waited in the queue."""
+        t0 = time.perf_counter()
         by_pipeline: dict[int, list[Ticket]] = {}
         for t in batch:
             by_pipeline.setdefault(id(t.job.pipeline), []).append(t)
@@ -282,11 +282,13 @@ class MicroBatcher:
                 if isinstance(p, Exception):
                     t._emit("error", p)
                     continue
-                rows.append((t, RowDecoder(p, self.generator, stream=t.job.stream)))
+                d = RowDecoder(p, self.generator, stream=t.job.stream)
+                d.timings["queue_s"] = round(t0 - t.enqueued, 4)
+                rows.append((t, d))
                 t._emit("prepared", p)
         return rows
 
-    def _generate(self, rows: list[tuple[Ticket, RowDecoder]], t0: float, t1: float) -> None:
+    def _generate(self, rows: list[tuple[Ticket, RowDecoder]]) -> None:
         steps = decode(self.generator, [d.prepared for _, d in rows])
         try:
             for step in steps:
@@ -297,7 +299,7 @@ class MicroBatcher:
                     if piece and not t.cancelled:
                         t._emit("delta", piece)
                     if d.done:
-                        self._finish(t, d, t0, t1, len(rows))
+                        self._finish(t, d, len(rows))
                 # Nobody is waiting for the remaining rows: stop spending compute on them.
                 if all(d.done or t.cancelled for t, d in rows):
                     break
@@ -305,11 +307,11 @@ class MicroBatcher:
             steps.close()
 
     @staticmethod
-    def _finish(t: Ticket, d: RowDecoder, t0: float, t1: float, batch_size: int) -> None:
+    def _finish(t: Ticket, d: RowDecoder, batch_size: int) -> None:
+        """The row's last text piece (when streaming), then its answer."""
         if t.job.stream and (rest := d.rest()):
             t._emit("delta", rest)
-        t._emit("done", d.answer(queue_s=round(t0 - t.enqueued, 4), generate_s=round(time.perf_counter() - t1, 4),
-                                 batch_size=batch_size))
+        t._emit("done", d.answer(batch_size=batch_size))
 
 
 @dataclass(eq=False)
@@ -383,10 +385,7 @@ class ContinuousBatcher(MicroBatcher):
                 admitted = self._admit(room) if room > 0 and not self._held and self._may_join(room) else []
             try:
                 if admitted:
-                    t0 = time.perf_counter()
-                    for t, d in self._prepare(admitted):
-                        d.timings["queue_s"] = round(t0 - t.enqueued, 4)
-                        prefilling.append(_Prefill(t, d))
+                    prefilling.extend(_Prefill(t, d) for t, d in self._prepare(admitted))
                 self._join(groups, self._prefill_step(prefilling))
                 for g in groups.values():
                     if g.alive:
@@ -454,9 +453,7 @@ class ContinuousBatcher(MicroBatcher):
             if piece:
                 t._emit("delta", piece)
             if d.done:
-                if t.job.stream and (rest := d.rest()):
-                    t._emit("delta", rest)
-                t._emit("done", d.answer(batch_size=n_alive))
+                self._finish(t, d, n_alive)
                 g.rows[i] = None
         self.steps += 1
         if not g.alive:

@@ -97,6 +97,9 @@ def _by_kind(methods: dict) -> dict[str, dict]:
 
 
 def summarise(out: Path) -> dict:
+    from ragpt.softprompts.registry import PromptRegistry
+
+    registry = PromptRegistry("prompts")
     rows = {}
     for dept_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         d = dept_dir.name
@@ -122,11 +125,8 @@ def summarise(out: Path) -> dict:
         lora = row.get("retrieved", {}).get("methods", {}).get("lora")
         if lora:
             row["lora"] = {"parameters": lora["method"]["trainable_parameters"], "bytes": lora["method"]["bytes"]}
-        state_file = Path("prompts") / d / "state.json"
-        if soft and state_file.is_file():
-            st = json.loads(state_file.read_text())
-            v = row["training"]["version"]
-            row["registry_state"] = "active" if st.get("active") == v else st["versions"][v]["state"]
+        if soft and d in registry.departments():
+            row["registry_state"] = registry.status(d, row["training"]["version"])["state"]
         rows[d] = row
     return rows
 

@@ -20,6 +20,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from ragpt.errors import RagptError, SoftPromptError, UnknownDepartmentError  # noqa: E402
 from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint, import_peft  # noqa: E402
+from ragpt.softprompts.audit_log import read_log, replay  # noqa: E402
 from ragpt.softprompts.registry import (  # noqa: E402
     IllegalTransitionError,
     NoActivePromptError,
@@ -123,8 +124,8 @@ def test_rollback_walks_back_through_activations(reg):
     assert reg.active_version("hr") == v1
     reg.activate("hr", v3, actor="ops")
     assert reg.rollback("hr", actor="oncall") == v1  # v3 replaced v1, so back to v1
-    state = json.loads((reg.root / "hr" / "state.json").read_text())
-    assert [(a["version"], a["action"]) for a in state["activations"]] == [
+    assert [(r["version"], r["action"]) for r in reg.audit("hr")
+            if r["action"] in ("activate", "rollback")] == [
         ("v1", "activate"), ("v2", "activate"), ("v3", "activate"), ("v2", "rollback"),
         ("v1", "rollback"), ("v3", "activate"), ("v1", "rollback")]
 
@@ -294,7 +295,7 @@ def test_concurrent_processes_never_corrupt_the_registry(reg):
     assert len({(d, v) for d, v, _ in done}) == len(done)  # no version handed out twice
 
     for dept in reg.departments():
-        state = json.loads((reg.root / dept / "state.json").read_text())
+        state = replay(read_log(reg.log_path)).states[dept]
         mine = sorted((v for d, v, _ in done if d == dept), key=lambda v: int(v[1:]))
         assert mine == [f"v{i}" for i in range(1, len(mine) + 1)]  # dense, all present
         assert sorted(state["versions"]) == sorted(mine)
@@ -402,6 +403,88 @@ def test_cli_review_activate_rollback(cli, tmp_path):
     assert [(a["action"], a["actor"]) for a in audit[2:4]] == [("approve", "rev"),
                                                                ("approve", getpass.getuser())]
     assert audit[-1]["action"] == "rollback" and audit[-1]["reason"] == "regression"
+
+
+def test_cli_log_prints_who_when_what_why_and_show_has_the_last_change(cli, tmp_path):
+    reg = PromptRegistry(tmp_path / "prompts")
+    v1, v2 = approved(reg, 2)
+    reg.activate("hr", v1, actor="ops", reason="first release")
+    reg.activate("hr", v2, actor="ops", reason="better on dev")
+    reg.rollback("hr", actor="oncall", reason="v2 cites the wrong policy")
+    reg.register(make_prompt(5, dept="it"), actor="trainer", reason="nightly")
+
+    r = cli("log", "-d", "hr")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 7 and all(line.startswith(str(datetime.now().year)) for line in lines)
+    assert lines[-1].split()[2:] == ["hr", "v1", "rollback", "(v2", "->", "v1)", "by", "oncall:", "v2", "cites",
+                                     "the", "wrong", "policy"]
+    assert "activate (none -> v1)" in lines[4] and lines[4].endswith("by ops: first release")
+    assert len(cli("log").output.splitlines()) == 8  # every department
+    assert cli("log", "-v", "v2", "-d", "hr").output.count("\n") == 4  # register, approve, activate, rolled back from
+    assert [json.loads(x)["action"] for x in cli("log", "-n", "2", "--json").output.splitlines()] == \
+        ["rollback", "register"]
+    r = cli("log", "-d", "nosuch")
+    assert r.exit_code == 2 and "no soft prompts" in r.output
+
+    shown = json.loads(cli("show", "hr", "v2").output)["registry"]
+    assert shown["state"] == "approved" and shown["approved_by"] == "reviewer"
+    assert shown["last_change"] == {**shown["last_change"], "action": "rollback", "actor": "oncall",
+                                    "from": "v2", "to": "v1", "reason": "v2 cites the wrong policy"}
+    assert json.loads(cli("show", "hr", "v1").output)["registry"]["state"] == "active"
+
+
+def _old_layout(reg: PromptRegistry) -> dict:
+    """What a registry from before the log was its state looks like: state.json per department
+    and audit lines without a format (and without checksums)."""
+    v1, v2 = approved(reg, 2)
+    reg.activate("hr", v1, actor="ops")
+    reg.activate("hr", v2, actor="ops")
+    state = {"versions": {v: {k: e[k] for k in ("state", "registered", "registered_by", "sha256", "meta_sha256",
+                                                  "approved", "approved_by")}
+                          for v, e in reg._state("hr")["versions"].items()},
+             "active": "v2", "activations": reg._state("hr")["activations"]}
+    old_lines = [{k: r[k] for k in r if k not in ("format", "sha256", "meta_sha256")} for r in reg.audit()]
+    reg.log_path.write_text("".join(json.dumps(x) + "\n" for x in old_lines))
+    (reg.root / "hr" / "state.json").write_text(json.dumps(state))
+    return state
+
+
+def test_a_registry_from_before_the_log_was_its_state_is_read_and_then_adopted(tmp_path):
+    reg = PromptRegistry(tmp_path / "prompts")
+    _old_layout(reg)
+    old = PromptRegistry(reg.root)
+    assert old.departments() == ["hr"] and old.active_version("hr") == "v2"
+    assert states(old) == {"v1": "approved", "v2": "active"}
+    assert old.load("hr").version == "v2"  # checksums come from state.json
+    assert (reg.root / "hr" / "state.json").is_file()  # reading changes nothing
+
+    assert old.rollback("hr", actor="oncall", reason="after the upgrade") == "v1"
+    assert not (reg.root / "hr" / "state.json").exists()
+    actions = [r["action"] for r in old.audit("hr")]
+    assert actions == ["register", "register", "approve", "approve", "activate", "activate", "migrate", "rollback"]
+    fresh = PromptRegistry(reg.root)  # from the log alone
+    assert fresh.active_version("hr") == "v1" and states(fresh) == {"v1": "active", "v2": "approved"}
+    assert fresh.register(make_prompt(7), actor="t") == "v3"
+    assert fresh.load("hr", "v2").version == "v2"
+
+
+def test_a_damaged_log_is_a_clear_error_for_its_department_only(reg):
+    approved(reg, 1)
+    reg.register(make_prompt(0, dept="it"), actor="t")
+    with open(reg.log_path, "a") as f:
+        f.write(json.dumps({"format": 2, "action": "activate", "department": "hr", "version": "v1",
+                            "from": "v4", "to": "v1", "actor": "x", "reason": "", "time": "t"}) + "\n")
+    fresh = PromptRegistry(reg.root)
+    with pytest.raises(RagptError, match=r"'hr': audit.jsonl line 4: 'activate' of v1 .* active version was v4"):
+        fresh.versions("hr")
+    with pytest.raises(RagptError, match="edited or damaged"):
+        fresh.approve("hr", "v1", actor="x")
+    assert fresh.departments() == ["hr", "it"] and states(fresh, "it") == {"v1": "draft"}
+    with open(reg.log_path, "a") as f:
+        f.write("{garbage\n")
+    with pytest.raises(RagptError, match="audit.jsonl line 5: not valid JSON"):
+        PromptRegistry(reg.root).versions("it")
 
 
 def test_cli_export_and_import_peft(cli, tmp_path, generator_dir):

@@ -265,7 +265,7 @@ def test_errors_quote_only_a_short_prefix_of_what_was_sent(client):
 
 def test_a_500_names_a_request_id_and_no_server_detail(settings, real_embedder, gen, tmp_path, caplog):
     prompt_dir = shutil.copytree(settings.prompt_dir, tmp_path / "prompts")
-    (prompt_dir / "hr" / "state.json").write_text("{garbage", encoding="utf-8")
+    _damage_log(prompt_dir, IMPOSSIBLE_CHANGE)
     s = settings.model_copy(update={"prompt_dir": prompt_dir})
     with TestClient(_app(s, real_embedder, gen)) as c, caplog.at_level(logging.ERROR, logger="ragpt.service"):
         for body in (_ok_body(), _ok_body(model="hr@v2"), _ok_body(stream=True)):
@@ -274,10 +274,10 @@ def test_a_500_names_a_request_id_and_no_server_detail(settings, real_embedder, 
             assert err["type"] == "server_error"
             rid = r.headers["x-request-id"]
             assert rid in err["message"] and re.fullmatch(r"req_[0-9a-f]{16}", rid)
-            assert "/" not in err["message"] and "state.json" not in err["message"] and "Error" not in err["message"]
+            assert "/" not in err["message"] and "audit" not in err["message"] and "Error" not in err["message"]
             # The detail is in the server log, under the same id.
             logged = [rec for rec in caplog.records if rid in rec.getMessage()]
-            assert logged and "state.json" in logged[0].getMessage()
+            assert logged and "audit.jsonl line" in logged[0].getMessage()
         assert c.get("/healthz").status_code == 200
         assert c.post(OPENAI, headers=_auth("itfin"), json=_ok_body(model="it")).status_code == 200
 
@@ -418,11 +418,22 @@ def test_the_documented_codes_are_the_ones_answered(client):
 # --------------------------------------------------------------------------- 7: a damaged registry
 
 
-@pytest.mark.parametrize("state", ["{garbage", '{"versions": {"v1": 5}, "active": null}', "[]"],
-                         ids=["not-json", "wrong-shape", "not-an-object"])
-def test_models_with_a_damaged_registry_state_answer_json(settings, real_embedder, gen, tmp_path, state):
+# Lines a hand edit or a damaged disk could leave in the audit log (the registry's state).
+IMPOSSIBLE_CHANGE = {"format": 2, "action": "approve", "department": "hr", "version": "v9",
+                     "actor": "x", "reason": "", "time": "2026-01-01T00:00:00.000Z"}
+WRONG_FROM = {"format": 2, "action": "activate", "department": "hr", "version": "v1", "from": "v7",
+              "to": "v1", "actor": "x", "reason": "", "time": "2026-01-01T00:00:00.000Z"}
+
+
+def _damage_log(prompt_dir: Path, line: dict | str) -> None:
+    with open(prompt_dir / "audit.jsonl", "a", encoding="utf-8") as f:
+        f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+
+
+@pytest.mark.parametrize("line", [IMPOSSIBLE_CHANGE, WRONG_FROM], ids=["impossible-change", "wrong-from"])
+def test_models_with_a_damaged_department_in_the_log_answer_json(settings, real_embedder, gen, tmp_path, line):
     prompt_dir = shutil.copytree(settings.prompt_dir, tmp_path / "prompts")
-    (prompt_dir / "hr" / "state.json").write_text(state, encoding="utf-8")
+    _damage_log(prompt_dir, line)
     s = settings.model_copy(update={"prompt_dir": prompt_dir})
     with TestClient(_app(s, real_embedder, gen)) as c:
         r = c.get("/v1/models", headers=_auth("all"))
@@ -430,11 +441,23 @@ def test_models_with_a_damaged_registry_state_answer_json(settings, real_embedde
         models = {m["id"]: m for m in r.json()["data"]}
         assert set(models) == {"hr", "it", "finance", "auto"}
         assert models["hr"]["prompt_versions"] == [] and models["hr"]["active_prompt_version"] is None
-        assert "cannot be read" in models["hr"]["error"] and "state.json" not in r.text
+        assert "cannot be read" in models["hr"]["error"] and "audit" not in r.text
+        # The damage is the department's own: the others replay on.
         assert models["it"]["prompt_versions"] == ["v1"] and "error" not in models["it"]
-        chat = c.post(OPENAI, headers=_auth("hr"), json=_ok_body())  # the state has no active version, or none
-        if chat.status_code != 200:
-            _error(chat, 500, "internal_error")
+        _error(c.post(OPENAI, headers=_auth("hr"), json=_ok_body()), 500, "internal_error")
+        assert c.post(OPENAI, headers=_auth("itfin"), json=_ok_body(model="it")).status_code == 200
+        assert c.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("line", ["{garbage", "[1, 2]"], ids=["not-json", "not-a-record"])
+def test_an_unreadable_log_fails_every_department_clearly(settings, real_embedder, gen, tmp_path, line):
+    prompt_dir = shutil.copytree(settings.prompt_dir, tmp_path / "prompts")
+    _damage_log(prompt_dir, line)
+    s = settings.model_copy(update={"prompt_dir": prompt_dir})
+    with TestClient(_app(s, real_embedder, gen)) as c:
+        models = {m["id"]: m for m in c.get("/v1/models", headers=_auth("all")).json()["data"]}
+        assert all("cannot be read" in models[d]["error"] for d in ("hr", "it", "finance"))
+        _error(c.post(OPENAI, headers=_auth("itfin"), json=_ok_body(model="it")), 500, "internal_error")
         assert c.get("/healthz").status_code == 200
 
 

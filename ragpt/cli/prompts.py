@@ -17,7 +17,7 @@ from ragpt.cli.common import fail, settings_from_ctx
 from ragpt.errors import RagptError
 
 prompts_app = typer.Typer(
-    help="Soft-prompt registry: list, show, approve, activate, roll back, diff, export, import.",
+    help="Soft-prompt registry: list, show, log, approve, activate, roll back, diff, export, import.",
     no_args_is_help=True,
 )
 
@@ -67,15 +67,64 @@ def list_prompts(
 
 @prompts_app.command("show")
 def show(ctx: typer.Context, department: str, version: str) -> None:
-    """The version's metadata as JSON (after validating the artifact), with the input contract it is served with."""
+    """The version's metadata as JSON (after validating the artifact), with the input contract it
+    is served with and its registry state (the last change: who, when, what, why)."""
     from ragpt.serving.contract import InputContract
 
     try:
-        meta = _registry(ctx).load(department, version).meta
+        reg = _registry(ctx)
+        meta = reg.load(department, version).meta
         _echo_json({**meta, "contract": InputContract.from_prompt_meta(meta).to_dict(),
-                    "contract_recorded": "contract" in meta})
+                    "contract_recorded": "contract" in meta, "registry": reg.status(department, version)})
     except RagptError as e:
         fail(e)
+
+
+def describe_change(rec: dict[str, Any]) -> str:
+    """One audit record as a line a person reads: when, department, version, what, who, why."""
+    action, version = rec.get("action", "?"), rec.get("version") or "-"
+    what = action
+    if action in ("activate", "rollback", "deactivate"):
+        what = f"{action} ({rec.get('from') or 'none'} -> {rec.get('to') or 'none'})"
+    elif action == "migrate":
+        state = rec.get("state") or {}
+        what = (f"migrate (state.json adopted: {len(state.get('versions', {}))} versions, "
+                f"active {state.get('active') or 'none'})")
+    elif action == "import" and rec.get("source"):
+        what = f"import (from {Path(str(rec['source'])).name})"
+    when = str(rec.get("time", "?")).replace("T", " ")
+    line = f"{when:<24} {rec.get('department', '?'):<16} {version:<6} {what:<28} by {rec.get('actor', '?')}"
+    reason = str(rec.get("reason") or "").replace("\n", " ")
+    return f"{line}: {reason}" if reason else line
+
+
+@prompts_app.command("log")
+def log(
+    ctx: typer.Context,
+    department: Annotated[str | None, typer.Option("--department", "-d", help="Only this department.")] = None,
+    version: Annotated[str | None, typer.Option("--version", "-v", help="Only changes touching this version.")] = None,
+    last: Annotated[int | None, typer.Option("--last", "-n", min=1, help="Only the last N changes.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line, as stored.")] = False,
+) -> None:
+    """The audit trail, oldest first: every registration, approval, activation, rollback and
+    deactivation, with who made it, when and why. It is the registry's source of truth."""
+    from ragpt.softprompts.audit_log import touches
+
+    try:
+        reg = _registry(ctx)
+        if department is not None:
+            reg.versions(department)  # an unknown department is an error, not an empty log
+        records = reg.audit(department)
+    except RagptError as e:
+        fail(e)
+    if version is not None:
+        records = [r for r in records if touches(r, version)]
+    if last is not None:
+        records = records[-last:]
+    if not records:
+        typer.echo("no changes recorded")
+    for rec in records:
+        typer.echo(json.dumps(rec, sort_keys=True, ensure_ascii=False) if as_json else describe_change(rec))
 
 
 @prompts_app.command("approve")

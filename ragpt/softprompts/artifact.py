@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from safetensors.torch import save as st_save
 
 from ragpt.atomic import atomic_write_bytes, atomic_write_json
 from ragpt.errors import SoftPromptError
+from ragpt.softprompts.audit_log import utc_now
 from ragpt.softprompts.deep import prompt_depth
 
 FORMAT = "ragpt.softprompts.artifact"
@@ -52,10 +52,6 @@ PEFT_KEY = "prompt_embeddings"
 # the tensor is always handed out as float32, which is what the frozen model computes in.
 ALLOWED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in ALLOWED_DTYPES.items()}
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

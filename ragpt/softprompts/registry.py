@@ -3,13 +3,10 @@
 Layout under `root` (settings.prompt_dir):
 
     <dept>/<version>/      a SoftPrompt folder (prompt.safetensors + meta.json), never rewritten
-    <dept>/state.json      {"versions": {v: {"state": "draft"|"approved", ...}},
-                            "active": v | null,
-                            "activations": [{"version": v, "action": "activate"|"rollback",
-                                             "time": ..., "actor": ...}, ...]}
-    audit.jsonl            one JSON object per state change: time, actor, action,
-                           department, version, reason (+ from/to for activations)
-    .registry.lock         the lock every mutation holds
+    audit.jsonl            one JSON line per change: time, actor, action, department, version,
+                           reason (+ checksums for registrations, from/to for activations).
+                           It is the registry's state: see ragpt.softprompts.audit_log.
+    .registry.lock         the lock every change holds
 
 Life cycle: register -> draft; approve -> approved; activate -> the department's one active
 version. Approving twice is an error (IllegalTransitionError), so the audit log never shows a
@@ -17,10 +14,17 @@ second approval that changed nothing; so is activating the version that is alrea
 Rollback undoes the latest activation that is still in force: activations form a stack
 (activate pushes, rollback pops), so after v1, v2, v3 two rollbacks give v2 then v1.
 
-Concurrency: every mutation takes one FileLock over the whole registry, re-reads state.json
-inside it, writes state.json atomically (temp + rename) and appends its audit line (write,
-flush, fsync) before releasing. Readers take no lock: state.json is replaced atomically and
-version folders are immutable once registered.
+Crash safety: a change is one line appended to the log and fsynced, under one FileLock over the
+registry. Registering first writes the version folder (temp folder + rename) and then the line,
+so a crash leaves either a complete registered version or an unregistered folder whose number is
+never reused. The next change removes temp folders and files that killed writers left.
+
+Readers take no lock: they replay the log (cached until the file changes) and ignore a torn last
+line; version folders are immutable once registered.
+
+Registries from before the log was the state kept it in <dept>/state.json. Such a department is
+read from state.json until its next change, which first appends a "migrate" line carrying that
+state and then removes the file.
 """
 
 from __future__ import annotations
@@ -31,34 +35,46 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 
-from ragpt.atomic import atomic_write_json, sha256_file
+from ragpt.atomic import sha256_file
 from ragpt.errors import RagptError, SoftPromptError, UnknownDepartmentError
 from ragpt.names import check_name
-from ragpt.softprompts.artifact import (
-    META_FILE,
-    SoftPrompt,
-    read_meta,
-    tensor_comparison,
+from ragpt.softprompts.audit_log import (
+    LOG_FORMAT,
+    AuditLogError,
+    LogContents,
+    Replayed,
+    append_record,
+    empty_state,
+    fsync_dir,
+    read_log,
+    replay,
+    touches,
     utc_now,
 )
-from ragpt.softprompts.artifact import export_peft as _export_peft
-from ragpt.softprompts.artifact import import_peft as _import_peft
 
-STATE_FILE = "state.json"
+if TYPE_CHECKING:  # torch loads only for the operations that read or write tensors
+    from ragpt.softprompts.artifact import SoftPrompt
+
+LEGACY_STATE_FILE = "state.json"
 AUDIT_FILE = "audit.jsonl"
 LOCK_FILE = ".registry.lock"
 LOCK_TIMEOUT_S = 60.0
 VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
+META_FILE = "meta.json"  # artifact.META_FILE, not imported from there so that torch stays unloaded
 
 
 class RegistryError(RagptError):
     """The registry cannot do what was asked, or its files are damaged."""
+
+
+class RegistryDamagedError(RegistryError, AuditLogError):
+    """The audit log or a legacy state file cannot be read as registry state."""
 
 
 class UnknownPromptDepartmentError(RegistryError, UnknownDepartmentError):
@@ -82,8 +98,9 @@ def _version_number(v: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _empty_state() -> dict[str, Any]:
-    return {"versions": {}, "active": None, "activations": []}
+def _is_temp(p: Path) -> bool:
+    """A leftover of a killed write: a version's temp folder or an atomic write's temp file."""
+    return p.name.startswith(".") and (p.is_dir() or p.name.endswith(".tmp"))
 
 
 class PromptRegistry:
@@ -91,8 +108,13 @@ class PromptRegistry:
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
+        self._cache: tuple[tuple[int, int, int], LogContents, Replayed] | None = None
 
     # ------------------------------------------------------------------ paths and files
+    @property
+    def log_path(self) -> Path:
+        return self.root / AUDIT_FILE
+
     def _dept_dir(self, dept: str) -> Path:
         return self.root / check_name("department", dept)
 
@@ -111,40 +133,89 @@ class PromptRegistry:
                 f"registry {self.root} is busy: could not lock {LOCK_FILE} in {LOCK_TIMEOUT_S:.0f} s"
             ) from e
 
-    def _read_state(self, dept: str, *, must_exist: bool = True) -> dict[str, Any]:
-        path = self._dept_dir(dept) / STATE_FILE
+    def _log(self) -> tuple[LogContents, Replayed]:
+        """The log and the state it implies, re-read only when the file changed."""
+        try:
+            st = os.stat(self.log_path)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            key = (0, 0, 0)
+        if self._cache is None or self._cache[0] != key:
+            try:
+                contents = read_log(self.log_path)
+            except AuditLogError as e:
+                raise RegistryDamagedError(f"the registry's {e}") from e
+            self._cache = (key, contents, replay(contents))
+        return self._cache[1], self._cache[2]
+
+    def _legacy_state(self, dept: str) -> dict[str, Any] | None:
+        path = self._dept_dir(dept) / LEGACY_STATE_FILE
         if not path.is_file():
-            if must_exist:
-                known = ", ".join(self.departments()) or "none"
-                raise UnknownPromptDepartmentError(
-                    f"department {dept!r} has no soft prompts in {self.root} (known: {known})"
-                )
-            return _empty_state()
+            return None
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RegistryError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(state, dict) or not isinstance(state.get("versions"), dict):
-            raise RegistryError(f"{path}: not a registry state file")
-        state.setdefault("active", None)
-        state.setdefault("activations", [])
-        return state
+            raise RegistryDamagedError(f"{dept}/{LEGACY_STATE_FILE}: not valid JSON ({e})") from e
+        if not isinstance(state, dict) or not isinstance(state.get("versions"), dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("state"), str) for e in state["versions"].values()):
+            raise RegistryDamagedError(f"{dept}/{LEGACY_STATE_FILE}: not a registry state file")
+        return {**empty_state(), **state}
 
-    def _write_state(self, dept: str, state: dict[str, Any]) -> None:
-        atomic_write_json(self._dept_dir(dept) / STATE_FILE, state)
+    def _state(self, dept: str, *, must_exist: bool = True) -> dict[str, Any]:
+        check_name("department", dept)
+        replayed = self._log()[1]
+        if dept in replayed.damaged:
+            raise RegistryDamagedError(f"department {dept!r}: {replayed.damaged[dept]}")
+        if dept in replayed.states:
+            return replayed.states[dept]
+        legacy = self._legacy_state(dept)
+        if legacy is not None:
+            return legacy
+        if must_exist:
+            known = ", ".join(self.departments()) or "none"
+            raise UnknownPromptDepartmentError(
+                f"department {dept!r} has no soft prompts in the registry (known: {known})"
+            )
+        return empty_state()
 
-    def _append_audit(self, record: dict[str, Any]) -> None:
-        # One write of one line in append mode, then fsync: a reader sees whole lines only.
-        line = json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
-        with open(self.root / AUDIT_FILE, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+    def _clean_leftovers(self) -> None:
+        """Remove what killed writers left (under the lock, so no live writer owns any of it)."""
+        for folder in [self.root, *(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+            for p in folder.iterdir():
+                if p.name != LOCK_FILE and _is_temp(p):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        with suppress(FileNotFoundError):
+                            p.unlink()
 
-    def _audit(self, action: str, dept: str, version: str | None, actor: str, reason: str,
-               **more: Any) -> None:
-        self._append_audit({"time": utc_now(), "actor": actor, "action": action,
-                            "department": dept, "version": version, "reason": reason, **more})
+    @contextmanager
+    def _change(self, dept: str, *, must_exist: bool = True) -> Iterator[tuple[dict[str, Any], Any]]:
+        """Lock, clean up, adopt a legacy department, and hand out its state and a `commit`
+        that appends one record (the change happens exactly when its line is on disk)."""
+        with self._locked():
+            self._clean_leftovers()
+            self._cache = None  # re-read under the lock: another process may have written
+            contents, replayed = self._log()
+            logged = dept in replayed.states or dept in replayed.damaged
+            legacy = None if logged else self._legacy_state(dept)
+            if logged:  # a migration that was killed before it removed the old file
+                with suppress(FileNotFoundError, RagptError):
+                    (self._dept_dir(dept) / LEGACY_STATE_FILE).unlink()
+
+            def commit(record: dict[str, Any]) -> None:
+                nonlocal contents
+                append_record(self.log_path, {"format": LOG_FORMAT, "time": utc_now(), **record}, contents)
+                self._cache = None
+                contents = self._log()[0]
+
+            if legacy is not None:
+                commit({"action": "migrate", "department": dept, "version": legacy["active"],
+                        "actor": "ragpt", "reason": f"adopted {LEGACY_STATE_FILE} into the audit log",
+                        "state": {k: legacy[k] for k in ("versions", "active", "activations")}})
+                with suppress(FileNotFoundError):
+                    (self._dept_dir(dept) / LEGACY_STATE_FILE).unlink()
+            yield self._state(dept, must_exist=must_exist), commit
 
     @staticmethod
     def _check_actor(actor: str, reason: str) -> None:
@@ -174,12 +245,13 @@ class PromptRegistry:
 
     def _register(self, prompt: SoftPrompt, *, actor: str, reason: str, action: str,
                   **audit_more: Any) -> str:
+        from ragpt.softprompts.artifact import SoftPrompt
+
         self._check_actor(actor, reason)
         dept = prompt.department
         dept_dir = self._dept_dir(dept)
-        with self._locked():
-            state = self._read_state(dept, must_exist=False)
-            # Next free number: folders left by a crash before state.json was written count
+        with self._change(dept, must_exist=False) as (state, commit):
+            # Next free number: folders left by a crash before the log line was written count
             # as taken, so a version name is never reused for different bytes.
             taken = [_version_number(v) for v in state["versions"]]
             if dept_dir.is_dir():
@@ -196,36 +268,28 @@ class PromptRegistry:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            state["versions"][version] = {
-                "state": "draft",
-                "registered": utc_now(),
-                "registered_by": actor,
-                "sha256": stored.meta["sha256"],
-                "meta_sha256": meta_sha,
-            }
-            self._write_state(dept, state)
-            self._audit(action, dept, version, actor, reason, **audit_more)
+            fsync_dir(dept_dir)  # the folder's name is on disk before the line that names it
+            commit({"action": action, "department": dept, "version": version, "actor": actor,
+                    "reason": reason, "sha256": stored.meta["sha256"], "meta_sha256": meta_sha,
+                    **audit_more})
         return version
 
     def approve(self, dept: str, version: str, *, actor: str, reason: str = "") -> None:
         """draft -> approved. Approving an approved version raises IllegalTransitionError."""
         self._check_actor(actor, reason)
-        with self._locked():
-            state = self._read_state(dept)
+        with self._change(dept) as (state, commit):
             entry = self._entry(state, dept, version)
             if entry["state"] != "draft":
                 raise IllegalTransitionError(
                     f"{dept} {version} is already {entry['state']}; only drafts can be approved"
                 )
-            entry.update(state="approved", approved=utc_now(), approved_by=actor)
-            self._write_state(dept, state)
-            self._audit("approve", dept, version, actor, reason)
+            commit({"action": "approve", "department": dept, "version": version, "actor": actor,
+                    "reason": reason})
 
     def activate(self, dept: str, version: str, *, actor: str, reason: str = "") -> None:
         """Make an approved version the department's one active prompt."""
         self._check_actor(actor, reason)
-        with self._locked():
-            state = self._read_state(dept)
+        with self._change(dept) as (state, commit):
             entry = self._entry(state, dept, version)
             if entry["state"] != "approved":
                 raise IllegalTransitionError(
@@ -233,16 +297,13 @@ class PromptRegistry:
                 )
             if state["active"] == version:
                 raise IllegalTransitionError(f"{dept} {version} is already active")
-            previous = state["active"]
-            self._set_active(state, version, "activate", actor)
-            self._write_state(dept, state)
-            self._audit("activate", dept, version, actor, reason, **{"from": previous, "to": version})
+            commit({"action": "activate", "department": dept, "version": version, "actor": actor,
+                    "reason": reason, "from": state["active"], "to": version})
 
     def rollback(self, dept: str, *, actor: str, reason: str = "") -> str:
         """Re-activate the approved version that was active before the current one."""
         self._check_actor(actor, reason)
-        with self._locked():
-            state = self._read_state(dept)
+        with self._change(dept) as (state, commit):
             current = state["active"]
             if current is None:
                 raise IllegalTransitionError(f"{dept} has no active version to roll back")
@@ -256,9 +317,8 @@ class PromptRegistry:
                 raise IllegalTransitionError(
                     f"{dept} has no earlier approved version to roll back to (active: {current})"
                 )
-            self._set_active(state, target, "rollback", actor)
-            self._write_state(dept, state)
-            self._audit("rollback", dept, target, actor, reason, **{"from": current, "to": target})
+            commit({"action": "rollback", "department": dept, "version": target, "actor": actor,
+                    "reason": reason, "from": current, "to": target})
         return target
 
     def deactivate(self, dept: str, *, actor: str, reason: str = "") -> str:
@@ -266,24 +326,22 @@ class PromptRegistry:
         prompt. The version stays approved (it can be activated again); rollback will not return
         to it. For pulling a version that has no earlier approved version to roll back to."""
         self._check_actor(actor, reason)
-        with self._locked():
-            state = self._read_state(dept)
+        with self._change(dept) as (state, commit):
             current = state["active"]
             if current is None:
                 raise IllegalTransitionError(f"{dept} has no active version to deactivate")
-            state["active"] = None
-            state["activations"].append({"version": current, "action": "deactivate", "time": utc_now(),
-                                         "actor": actor})
-            self._write_state(dept, state)
-            self._audit("deactivate", dept, current, actor, reason, **{"from": current, "to": None})
+            commit({"action": "deactivate", "department": dept, "version": current, "actor": actor,
+                    "reason": reason, "from": current, "to": None})
         return current
 
-    @staticmethod
-    def _set_active(state: dict[str, Any], version: str, action: str, actor: str) -> None:
-        state["active"] = version
-        state["activations"].append(
-            {"version": version, "action": action, "time": utc_now(), "actor": actor}
-        )
+    def migrate_legacy(self) -> list[str]:
+        """Adopt every department still kept in a state.json into the log now, rather than at
+        its next change; returns those departments."""
+        legacy = [d for d in self.departments() if (self._dept_dir(d) / LEGACY_STATE_FILE).is_file()]
+        for dept in legacy:
+            with self._change(dept):
+                pass
+        return legacy
 
     @staticmethod
     def _activation_stack(state: dict[str, Any]) -> list[str]:
@@ -307,10 +365,12 @@ class PromptRegistry:
     def departments(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / STATE_FILE).is_file())
+        legacy = {p.name for p in self.root.iterdir() if (p / LEGACY_STATE_FILE).is_file()}
+        replayed = self._log()[1]
+        return sorted(set(replayed.states) | set(replayed.damaged) | legacy)
 
     def active_version(self, dept: str) -> str | None:
-        return self._read_state(dept)["active"]
+        return self._state(dept)["active"]
 
     def load(
         self,
@@ -322,7 +382,9 @@ class PromptRegistry:
         max_depth: int | None = None,
     ) -> SoftPrompt:
         """A validated prompt: `version`, or the active one when None."""
-        state = self._read_state(dept)
+        from ragpt.softprompts.artifact import SoftPrompt
+
+        state = self._state(dept)
         if version is None:
             version = state["active"]
             if version is None:
@@ -337,21 +399,23 @@ class PromptRegistry:
         meta_path = folder / META_FILE
         if meta_path.is_file() and entry.get("meta_sha256") and \
                 sha256_file(meta_path) != entry["meta_sha256"]:
-            raise SoftPromptError(f"{meta_path}: changed since it was registered")
+            raise SoftPromptError(f"{dept}/{version}/{META_FILE}: changed since it was registered")
         prompt = SoftPrompt.load(folder, base_fingerprint=base_fingerprint, hidden_size=hidden_size,
                                  max_depth=max_depth)
         if prompt.meta.get("sha256") != entry.get("sha256", prompt.meta.get("sha256")):
-            raise SoftPromptError(f"{folder}: tensor differs from the one registered")
+            raise SoftPromptError(f"{dept}/{version}: tensor differs from the one registered")
         if prompt.department != dept or prompt.version != version:
             raise SoftPromptError(
-                f"{meta_path}: says {prompt.department} {prompt.version}, "
+                f"{dept}/{version}/{META_FILE}: says {prompt.department} {prompt.version}, "
                 f"but sits at {dept}/{version}"
             )
         return prompt
 
     def versions(self, dept: str) -> list[dict[str, Any]]:
         """One row per version, oldest first: version, state (draft/approved/active), provenance."""
-        state = self._read_state(dept)
+        from ragpt.softprompts.artifact import read_meta
+
+        state = self._state(dept)
         rows = []
         for v in sorted(state["versions"], key=_version_number):
             entry = state["versions"][v]
@@ -371,8 +435,21 @@ class PromptRegistry:
             })
         return rows
 
+    def status(self, dept: str, version: str) -> dict[str, Any]:
+        """A version's state and the latest change that touched it (who, when, what, why)."""
+        state = self._state(dept)
+        entry = self._entry(state, dept, version)
+        last = next((r for r in reversed(self.audit(dept)) if touches(r, version)), None)
+        return {"state": "active" if state["active"] == version else entry["state"],
+                "registered": entry.get("registered"), "registered_by": entry.get("registered_by"),
+                "approved": entry.get("approved"), "approved_by": entry.get("approved_by"),
+                "last_change": None if last is None else
+                {k: last.get(k) for k in ("time", "actor", "action", "from", "to", "reason") if k in last}}
+
     def diff(self, dept: str, a: str, b: str) -> dict[str, Any]:
         """Metadata keys whose values differ, and a numeric comparison of the two tensors."""
+        from ragpt.softprompts.artifact import tensor_comparison
+
         pa, pb = self.load(dept, a), self.load(dept, b)
         keys = sorted(set(pa.meta) | set(pb.meta))
         changed = {k: {"a": pa.meta.get(k), "b": pb.meta.get(k)}
@@ -381,36 +458,27 @@ class PromptRegistry:
                 "tensor": tensor_comparison(pa.tensor, pb.tensor)}
 
     def audit(self, dept: str | None = None) -> list[dict[str, Any]]:
-        """Audit records in the order they were written, optionally for one department."""
-        path = self.root / AUDIT_FILE
-        if not path.is_file():
-            return []
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise RegistryError(f"{path}: line {n} is not valid JSON ({e})") from e
-                if dept is None or rec.get("department") == dept:
-                    records.append(rec)
-        return records
+        """Audit records in the order they were written, optionally for one department
+        (lines from before the log was the state included: they are the trail)."""
+        records = self._log()[0].records
+        return [r for r in records if dept is None or r.get("department") == dept]
 
     # ------------------------------------------------------------------ PEFT
     def export_peft(self, dept: str, version: str, folder: Path | str, *,
                     base_model_name_or_path: str | None, model_config: Any) -> Path:
         """Write a version in PEFT prompt-tuning format (a read: no state change, no audit)."""
-        return _export_peft(self.load(dept, version), folder,
-                            base_model_name_or_path=base_model_name_or_path,
-                            model_config=model_config)
+        from ragpt.softprompts.artifact import export_peft
+
+        return export_peft(self.load(dept, version), folder,
+                           base_model_name_or_path=base_model_name_or_path, model_config=model_config)
 
     def import_peft(self, folder: Path | str, dept: str, *, actor: str, base_fingerprint: str,
                     reason: str = "", hidden_size: int | None = None) -> str:
         """Register a PEFT prompt-tuning adapter as the department's next version (a draft)."""
+        from ragpt.softprompts.artifact import import_peft
+
         check_name("department", dept)
-        prompt = _import_peft(folder, department=dept, base_fingerprint=base_fingerprint,
-                              author=actor, hidden_size=hidden_size)
+        prompt = import_peft(folder, department=dept, base_fingerprint=base_fingerprint,
+                             author=actor, hidden_size=hidden_size)
         return self._register(prompt, actor=actor, reason=reason, action="import",
                               source=str(Path(folder).resolve()))

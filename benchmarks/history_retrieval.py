@@ -72,6 +72,7 @@ def main() -> None:
     ingested = {}
     for d in AGENCIES:
         rep = ingest(work / "index", "doc2dial", [work / "doc2dial" / "docs" / d], [d], emb,
+                     source_root=work / "doc2dial" / "docs",
                      chunk_tokens=settings.chunk_tokens, chunk_overlap=settings.chunk_overlap,
                      batch_size=settings.embed_batch_size, progress=False)
         ingested[d] = {"added": len(rep.added), "unchanged": len(rep.unchanged), "chunks": rep.chunks_embedded}

@@ -50,7 +50,7 @@ def main() -> None:
 
     # --- sample corpus
     for d in SAMPLE_DEPARTMENTS:
-        ingest(tmp, "sample", [department_dir(d)], [d], emb, progress=False)
+        ingest(tmp, "sample", [department_dir(d)], [d], emb, source_root=department_dir(d).parent, progress=False)
     idx = DocumentIndex.open(tmp, "sample")
     qs = sample_questions()
     vecs = emb.encode([q.question for q in qs])
@@ -70,7 +70,8 @@ def main() -> None:
     out = tmp / "policyqa"
     import_policyqa(settings.data_dir, out)
     t0 = time.perf_counter()
-    rep = ingest(tmp, "policyqa", [out / "docs" / "legal"], ["legal"], emb, progress=False)
+    rep = ingest(tmp, "policyqa", [out / "docs" / "legal"], ["legal"], emb, source_root=out / "docs",
+                 progress=False)
     results["policyqa_ingest"] = {"chunks": rep.chunks_embedded, "seconds": round(rep.seconds, 1),
                                   "chunks_per_second": round(rep.chunks_per_second, 1)}
     idx = DocumentIndex.open(tmp, "policyqa")

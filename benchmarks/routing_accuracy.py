@@ -114,7 +114,8 @@ def main() -> None:
     emb = load_embedder(settings)
     tmp = Path(tempfile.mkdtemp(prefix="ragpt-routing-"))
     for d in SAMPLE_DEPARTMENTS:
-        ingest(tmp, "sample", [department_dir(d)], [d], emb, chunk_tokens=settings.chunk_tokens,
+        ingest(tmp, "sample", [department_dir(d)], [d], emb, source_root=department_dir(d).parent,
+               chunk_tokens=settings.chunk_tokens,
                chunk_overlap=settings.chunk_overlap, progress=False)
     sample_router = DepartmentRouter.from_index(DocumentIndex.open(tmp, "sample"), emb)
     off = [(q, None) for q in OFF_TOPIC]

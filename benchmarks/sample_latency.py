@@ -53,7 +53,8 @@ def main() -> None:
     embed_s = 0.0
     t = time.perf_counter()
     for d in SAMPLE_DEPARTMENTS:
-        rep = ingest(tmp, "sample", [department_dir(d)], [d], emb, progress=False)
+        rep = ingest(tmp, "sample", [department_dir(d)], [d], emb, source_root=department_dir(d).parent,
+                     progress=False)
         chunks += rep.chunks_embedded
         embed_s += rep.embed_seconds
     ingest_s = time.perf_counter() - t

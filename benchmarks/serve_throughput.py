@@ -74,10 +74,11 @@ def build_fixture(work: Path, chunk_tokens: int, k: int = 1) -> dict[str, list[s
     settings = load_settings(index_dir=work / "indexes", prompt_dir=work / "prompts")
     embedder = load_embedder(settings)
     for dept in SAMPLE_DEPARTMENTS:
-        ingest(settings.index_dir, "bench", [department_dir(dept)], [dept], embedder,
+        ingest(settings.index_dir, "bench", [department_dir(dept)], [dept], embedder, source_root=SAMPLE_DIR,
                chunk_tokens=chunk_tokens, chunk_overlap=min(settings.chunk_overlap, chunk_tokens // 4), progress=False)
     for rel in LEGAL_SHARED:  # relabel: these documents are readable by their department and legal
         ingest(settings.index_dir, "bench", [SAMPLE_DIR / rel], [rel.split("/")[0], "legal"], embedder,
+               source_root=SAMPLE_DIR,
                chunk_tokens=chunk_tokens, chunk_overlap=min(settings.chunk_overlap, chunk_tokens // 4), progress=False)
     model, _ = load_generator_model(settings)
     emb = model.get_input_embeddings().weight

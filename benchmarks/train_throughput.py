@@ -42,7 +42,7 @@ def build_rows(n: int, k: int, max_context_tokens: int):
     settings = load_settings(index_dir=tmp)
     emb = load_embedder(settings)
     for d in SAMPLE_DEPARTMENTS:
-        ingest(tmp, "bench", [department_dir(d)], [d], emb, progress=False)
+        ingest(tmp, "bench", [department_dir(d)], [d], emb, source_root=department_dir(d).parent, progress=False)
     from ragpt.retrieval.index import DocumentIndex
 
     retriever = Retriever(DocumentIndex.open(tmp, "bench"), emb)

@@ -12,7 +12,7 @@ from ragpt.data.datasets import IMPORTERS
 from ragpt.data.documents import source_matches
 from ragpt.data.ingest import ingest
 from ragpt.data.qa import load_qa
-from ragpt.data.sample import SAMPLE_DEPARTMENTS, department_dir, sample_questions
+from ragpt.data.sample import SAMPLE_DEPARTMENTS, SAMPLE_DIR, department_dir, sample_questions
 from ragpt.evaluation.metrics import best_over, token_f1
 from ragpt.lm.models import load_embedder
 from ragpt.retrieval.index import DocumentIndex
@@ -25,13 +25,17 @@ BATCH = 8  # questions of one department answered in one batched generation
 SHIPPED_DEPARTMENTS = {"dmv": "doc2dial", "ssa": "doc2dial", "va": "doc2dial", "studentaid": "doc2dial",
                        "legal": "policyqa"}
 SHIPPED_INDEX = "shared"  # the index the shipped prompts were trained against
+# Sample sources are relative to the folder holding the ragpt package ("ragpt/data/sample_corpus/hr/..."):
+# wherever ragpt is installed, and the same as an index built from a checkout's root before sources
+# were root-relative, so such an index is matched, not duplicated.
+SAMPLE_ROOT = SAMPLE_DIR.parents[2]
 
 
 def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = None,
              progress: bool = True, out=print) -> dict:
     embedder = load_embedder(settings)
     for dept in SAMPLE_DEPARTMENTS:
-        rep = ingest(settings.index_dir, index, [department_dir(dept)], [dept], embedder,
+        rep = ingest(settings.index_dir, index, [department_dir(dept)], [dept], embedder, source_root=SAMPLE_ROOT,
                      chunk_tokens=settings.chunk_tokens, chunk_overlap=settings.chunk_overlap,
                      batch_size=settings.embed_batch_size, progress=progress)
         out(f"[ingest] {dept}: {len(rep.added)} added, {len(rep.replaced)} replaced, "
@@ -95,8 +99,9 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
         if not (imported / name / "summary.json").is_file():
             IMPORTERS[name](Path(settings.data_dir), imported / name)
     for d in shipped:
-        rep = ingest(settings.index_dir, SHIPPED_INDEX, [imported / SHIPPED_DEPARTMENTS[d] / "docs" / d], [d],
-                     embedder, chunk_tokens=settings.chunk_tokens, chunk_overlap=settings.chunk_overlap,
+        docs = imported / SHIPPED_DEPARTMENTS[d] / "docs"  # the root: sources keep the department folder
+        rep = ingest(settings.index_dir, SHIPPED_INDEX, [docs / d], [d], embedder, source_root=docs,
+                     chunk_tokens=settings.chunk_tokens, chunk_overlap=settings.chunk_overlap,
                      batch_size=settings.embed_batch_size, progress=progress)
         out(f"[ingest] {d}: {len(rep.added)} added, {len(rep.unchanged)} unchanged")
 

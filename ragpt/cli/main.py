@@ -62,41 +62,66 @@ def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders (.txt .md .html .pdf).")],
     index: Annotated[str, typer.Option("--index", "-i", help="Index name (folder under index_dir).")],
     department: Annotated[list[str] | None, typer.Option("--department", "-d",
-        help="Department that may read these documents; repeat to share.")] = None,
-    delete: Annotated[bool, typer.Option("--delete", help="Remove the named documents instead.")] = False,
+        help="Department that may read these documents; repeat to share. With --delete: only "
+             "documents these departments read, and only their access.")] = None,
+    root: Annotated[Path | None, typer.Option("--root",
+        help="Store sources relative to this folder (default: each folder given; a file's parent).")] = None,
+    delete: Annotated[bool, typer.Option("--delete",
+        help="Remove the named documents instead (relative path, glob, or path as ingested).")] = False,
+    strict: Annotated[bool, typer.Option("--strict",
+        help="Abort on the first file that cannot be ingested, writing nothing.")] = False,
     chunk_tokens: Annotated[int | None, typer.Option(help="Chunk size in embedder tokens.")] = None,
     chunk_overlap: Annotated[int | None, typer.Option(help="Overlap between chunks, tokens.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Add or update documents in an index (unchanged ones are skipped), or --delete them."""
-    from ragpt.data.documents import expand_paths
+    """Add or update documents in an index (unchanged ones are skipped), or --delete them.
+
+    A document is identified by its path relative to the root and its departments, so ingesting
+    the same files again from any working directory changes nothing. Files that cannot be ingested
+    (unsupported type, no extractable text, parse error, not UTF-8) are listed on stderr and the
+    rest is ingested. Exit status: 0 all ingested; 1 some files skipped or failed; 2 bad input or
+    --strict failure, nothing written.
+    """
+    from ragpt.data.documents import collect_documents
     from ragpt.data.ingest import delete_documents
     from ragpt.data.ingest import ingest as run_ingest
     from ragpt.lm.models import load_embedder
 
     try:
         s = _settings(ctx, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
-        if not delete:  # fail on bad input before the embedder loads
-            if not department:
-                raise RagptError("at least one --department is required")
-            expand_paths(paths)
         if delete:
-            rep = delete_documents(s.index_dir, index, [str(p) for p in paths])
-            typer.echo(f"deleted {len(rep.deleted)} document(s) from {index}: {', '.join(rep.deleted)}")
+            rep = delete_documents(s.index_dir, index, [str(p) for p in paths], department)
+            _echo_delete(index, rep)
             return
+        if not department:  # fail on bad input before the embedder loads
+            raise RagptError("at least one --department is required")
+        collect_documents(paths, root)
         rep = run_ingest(
-            s.index_dir, index, paths, department or [], load_embedder(s),
+            s.index_dir, index, paths, department, load_embedder(s), source_root=root, strict=strict,
             chunk_tokens=s.chunk_tokens, chunk_overlap=s.chunk_overlap,
             batch_size=s.embed_batch_size, progress=not quiet,
         )
     except RagptError as e:
         _fail(e)
+    for kind, problems in (("skipped", rep.skipped), ("failed", rep.failed)):
+        for source, reason in problems:
+            typer.echo(f"{kind} {source}: {reason}", err=True)
+    migrated = f", {len(rep.migrated)} migrated" if rep.migrated else ""
     typer.echo(
         f"index {index}: {len(rep.added)} added, {len(rep.replaced)} replaced, "
-        f"{len(rep.unchanged)} unchanged, {len(rep.relabelled)} relabelled; "
+        f"{len(rep.unchanged)} unchanged, {len(rep.relabelled)} relabelled{migrated}; "
         f"{rep.chunks_embedded} chunks embedded in {rep.embed_seconds:.1f}s "
         f"({rep.chunks_per_second:.0f} chunks/s); total {rep.seconds:.1f}s"
     )
+    if rep.problems:
+        typer.echo(f"{len(rep.skipped)} skipped, {len(rep.failed)} failed (listed above)", err=True)
+        raise typer.Exit(code=1)
+
+
+def _echo_delete(index: str, rep) -> None:
+    typer.echo(f"deleted {len(rep.deleted)} document(s) from {index}: {', '.join(rep.deleted)}")
+    if rep.relabelled:
+        typer.echo(f"kept {len(rep.relabelled)} document(s) for their other departments: {', '.join(rep.relabelled)}")
 
 
 def _print_answer(ans, as_json: bool) -> None:
@@ -159,7 +184,8 @@ def retrieve(
     department: Annotated[str, typer.Option("--department", "-d", help="Department asking.")],
     index: Annotated[str, typer.Option("--index", "-i", help="Index name.")] = "sample",
     k: Annotated[int | None, typer.Option("-k", help="Chunks to retrieve.")] = None,
-    source: Annotated[str | None, typer.Option(help="Only chunks of this document.")] = None,
+    source: Annotated[str | None, typer.Option(
+        help="Only chunks of documents with this relative path (or trailing part of it) or glob.")] = None,
     title: Annotated[str | None, typer.Option(help="Only chunks of documents with this title.")] = None,
     no_dense: Annotated[bool, typer.Option("--no-dense", help="BM25 only.")] = False,
     no_bm25: Annotated[bool, typer.Option("--no-bm25", help="Dense only.")] = False,
@@ -289,6 +315,63 @@ def index_list(ctx: typer.Context) -> None:
         _fail(e)
     for p in sorted(root.glob("*/CURRENT")):
         typer.echo(p.parent.name)
+
+
+@index_app.command("docs")
+def index_docs(
+    ctx: typer.Context,
+    index: Annotated[str, typer.Option("--index", "-i", help="Index name.")],
+    department: Annotated[list[str] | None, typer.Option("--department", "-d",
+        help="Only documents this department reads; repeatable.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """List an index's documents: source, departments, chunks, sha256."""
+    from ragpt.retrieval.index import DocumentIndex
+
+    try:
+        idx = DocumentIndex.open(_settings(ctx).index_dir, index)
+    except RagptError as e:
+        _fail(e)
+    wanted = set(department or ())
+    rows = [
+        {"id": key, "source": e["source"], "departments": e["departments"], "chunks": e.get("n_chunks", 0),
+         "sha256": e["sha256"], "title": e.get("title", "")}
+        for key, e in sorted(idx.documents.items(), key=lambda kv: (kv[1]["source"], kv[0]))
+        if not wanted or wanted & set(e["departments"])
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    for r in rows:
+        other_id = f"  (id {r['id']})" if r["id"] != r["source"] else ""
+        typer.echo(f"{r['source']}\t{','.join(r['departments'])}\t{r['chunks']} chunks\t"
+                   f"sha256:{r['sha256'][:12]}{other_id}")
+
+
+@index_app.command("delete")
+def index_delete(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Index name.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete an index and all its snapshots (asks first; without a terminal, needs --yes)."""
+    from ragpt.names import check_name
+    from ragpt.retrieval.index import DocumentIndex, delete_index
+
+    try:
+        check_name("index", name)
+        root = Path(_settings(ctx).index_dir)
+        if not (root / name).is_dir():
+            DocumentIndex.open(root, name)  # the clear "not found, existing: ..." error
+        if not yes:
+            if not sys.stdin.isatty():
+                raise RagptError(f"refusing to delete index {name!r} without confirmation: pass --yes")
+            if not typer.confirm(f"Delete index {name!r} and all its snapshots?"):
+                raise typer.Exit(code=1)
+        delete_index(root, name)
+    except RagptError as e:
+        _fail(e)
+    typer.echo(f"deleted index {name}")
 
 
 @models_app.command("prepare")

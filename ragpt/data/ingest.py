@@ -1,7 +1,15 @@
 """Ingest documents into a named index: read, chunk, embed, write a new snapshot atomically.
 
-Everything that can fail on bad input (missing path, unsupported or empty file, bad names,
-embedder mismatch) fails before anything is written.
+Bad arguments (names, departments, missing paths, embedder mismatch, an ambiguous document)
+fail before anything is written. A file that cannot be ingested (unsupported type, no text,
+parse error, not UTF-8) is reported per file in the IngestReport and the rest is ingested;
+with `strict=True` the first such file fails the whole ingest, nothing written.
+
+Identity: a document is its root-relative source plus the departments that read it. Ingesting
+a source again for departments overlapping its readers updates that document (unchanged,
+replaced or relabelled); for other departments it is a separate document, unless it is the same
+file (same location, recorded as a digest) or, for an old entry without one, the same bytes:
+then it is relabelled. See ragpt.retrieval.index for old (format 1) indexes.
 """
 
 from __future__ import annotations
@@ -11,14 +19,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
 from tqdm.auto import tqdm
 
-from ragpt.data.documents import Chunker, Document, display_path, expand_paths, read_document
-from ragpt.errors import RagptError
+from ragpt.data.documents import (
+    Chunker,
+    Document,
+    UnreadableDocumentError,
+    collect_documents,
+    is_glob,
+    origin_of,
+    read_document,
+    source_matches,
+)
+from ragpt.errors import DocumentError, RagptError
 from ragpt.lm.models import Embedder
 from ragpt.names import check_name
-from ragpt.retrieval.index import DocumentIndex
+from ragpt.retrieval.index import DocumentIndex, index_lock
 
 
 @dataclass
@@ -28,7 +44,10 @@ class IngestReport:
     replaced: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     relabelled: list[str] = field(default_factory=list)  # same content, new departments
+    migrated: list[str] = field(default_factory=list)  # an old entry rekeyed to its relative source
     deleted: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): not a supported type
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): supported, but unreadable
     chunks_embedded: int = 0
     seconds: float = 0.0
     embed_seconds: float = 0.0
@@ -37,37 +56,18 @@ class IngestReport:
     def chunks_per_second(self) -> float:
         return self.chunks_embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        """Every file not ingested, with its reason (skipped, then failed)."""
+        return self.skipped + self.failed
 
-def _lock(root: Path, name: str) -> FileLock:
-    # Beside the index folder, not inside it: taking the lock must not create the index.
-    root.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(root / f".{name}.lock"), timeout=600)
 
-
-def ingest(
-    root: Path,
-    name: str,
-    paths: Sequence[Path],
-    departments: Sequence[str],
-    embedder: Embedder,
-    *,
-    chunk_tokens: int = 200,
-    chunk_overlap: int = 40,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> IngestReport:
-    """Add or update documents, readable by `departments`, in index `name` under `root`.
-
-    An unchanged document (same bytes, same departments) is skipped; a changed one has its
-    chunks replaced; a document ingested again with other departments is relabelled.
-    The departments given replace the document's readers: to share a document, name them all.
-    """
-    t0 = time.perf_counter()
-    root = Path(root)
+def _check_arguments(name: str, paths: Sequence[Path], departments: Sequence[str], embedder: Embedder,
+                     chunk_tokens: int) -> list[str]:
     check_name("index", name)
     if not departments:
         raise RagptError("at least one --department is required")
-    departments = sorted({check_name("department", d) for d in departments})
+    depts = sorted({check_name("department", d) for d in departments})
     if not paths:
         raise RagptError("no documents given")
     # The embedder adds its special tokens ([CLS], [SEP]) inside the same window.
@@ -77,73 +77,240 @@ def ingest(
             f"chunk_tokens={chunk_tokens} exceeds the embedder's window of {window} text tokens "
             f"({embedder.max_tokens} including special tokens)"
         )
-    files = expand_paths(paths)
-    docs: list[Document] = [read_document(f) for f in tqdm(files, desc="read", disable=not progress)]
+    return depts
+
+
+def _read_all(paths: Sequence[Path], source_root: Path | None, report: IngestReport, strict: bool,
+              progress: bool) -> list[Document]:
+    found = collect_documents(paths, source_root)
+    if strict and found.skipped:
+        source, reason = found.skipped[0]
+        raise DocumentError(f"{source}: {reason} (--strict: nothing ingested)")
+    report.skipped.extend(found.skipped)
+    docs = []
+    for f in tqdm(found.files, desc="read", disable=not progress):
+        try:
+            docs.append(read_document(f.path, source=f.source))
+        except UnreadableDocumentError as e:
+            if strict:
+                raise DocumentError(f"{f.source}: {e.reason} (--strict: nothing ingested)") from None
+            (report.skipped if e.kind == "skipped" else report.failed).append((f.source, e.reason))
+    return docs
+
+
+def _candidates(index: DocumentIndex, doc: Document, claimed: set[str]) -> list[str]:
+    """Keys of entries with this document's source; an old entry by its stored path."""
+    real = doc.path.resolve().as_posix()
+    out = []
+    for key, entry in index.documents.items():
+        legacy = entry.get("legacy_path")
+        if key not in claimed and (entry["source"] == doc.source
+                                   or (legacy and (legacy == real or source_matches(legacy, doc.source)))):
+            out.append(key)
+    return out
+
+
+def _describe(index: DocumentIndex, keys: list[str]) -> str:
+    return "; ".join(f"{index.documents[k]['source']} ({', '.join(index.documents[k]['departments'])})"
+                     for k in keys)
+
+
+def match_document(index: DocumentIndex, doc: Document, departments: list[str], claimed: set[str]) -> str | None:
+    """The key of the document `doc` is an update of, or None for a new document (module docstring)."""
+    cands = _candidates(index, doc, claimed)
+    docs = index.documents
+    overlap = [k for k in cands if set(docs[k]["departments"]) & set(departments)]
+    if len(overlap) > 1:
+        raise RagptError(
+            f"{doc.source} for {', '.join(departments)} is ambiguous in index {index.name!r}: it matches "
+            f"{len(overlap)} documents: {_describe(index, overlap)}. Ingest it for one of those departments, "
+            f"or delete one first (`ragpt ingest -i {index.name} --delete {doc.source} -d DEPT`)"
+        )
+    if overlap:
+        return overlap[0]
+    origin = origin_of(doc.path)
+    same_file = [k for k in cands if docs[k].get("origin") == origin]
+    if len(same_file) == 1:
+        return same_file[0]
+    same_bytes = [k for k in cands if "origin" not in docs[k] and docs[k]["sha256"] == doc.sha256]
+    return same_bytes[0] if len(same_bytes) == 1 else None
+
+
+def _entry(doc: Document, departments: list[str], n_chunks: int) -> dict:
+    return {
+        "source": doc.source,
+        "origin": origin_of(doc.path),
+        "sha256": doc.sha256,
+        "title": doc.title,
+        "departments": departments,
+        "n_chunks": n_chunks,
+        "chars": len(doc.text),
+        "ingested": time.time(),
+    }
+
+
+def _open_or_create(root: Path, name: str, embedder: Embedder, chunk_tokens: int, chunk_overlap: int):
+    if DocumentIndex.exists(root, name):
+        index = DocumentIndex.open(root, name)
+        index.check_embedder(embedder.name, embedder.dim)
+        return index
+    return DocumentIndex.empty(root, name, embedder.name, embedder.dim,
+                               {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap})
+
+
+def ingest(
+    root: Path,
+    name: str,
+    paths: Sequence[Path],
+    departments: Sequence[str],
+    embedder: Embedder,
+    *,
+    source_root: Path | None = None,
+    strict: bool = False,
+    chunk_tokens: int = 200,
+    chunk_overlap: int = 40,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> IngestReport:
+    """Add or update documents, readable by `departments`, in index `name` under `root`.
+
+    Sources are relative to `source_root` when given, else to each folder named (a file named
+    directly: its parent folder). An unchanged document (same bytes, same departments) is skipped;
+    a changed one has its chunks replaced; one ingested again with other departments is relabelled.
+    The departments given replace the document's readers: to share a document, name them all.
+    Files that cannot be ingested are listed in report.skipped / report.failed (strict: raise).
+    """
+    t0 = time.perf_counter()
+    root = Path(root)
+    departments = _check_arguments(name, paths, departments, embedder, chunk_tokens)
+    report = IngestReport(index=name)
+    docs = _read_all(paths, source_root, report, strict, progress)
     if DocumentIndex.exists(root, name):  # fail on a mismatch before taking the lock
         DocumentIndex.open(root, name).check_embedder(embedder.name, embedder.dim)
+    if not docs:  # nothing readable: leave the index (or its absence) as it is
+        report.seconds = time.perf_counter() - t0
+        return report
 
-    report = IngestReport(index=name)
-    with _lock(root, name):
-        if DocumentIndex.exists(root, name):
-            index = DocumentIndex.open(root, name)
-            index.check_embedder(embedder.name, embedder.dim)
-        else:
-            index = DocumentIndex.empty(
-                root, name, embedder.name, embedder.dim,
-                {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap},
-            )
+    with index_lock(root, name):
+        index = _open_or_create(root, name, embedder, chunk_tokens, chunk_overlap)
+        plan = _plan(index, docs, departments, report)
         chunker = Chunker(embedder.tokenizer, chunk_tokens, chunk_overlap)
-        to_embed: list[Document] = []
-        for doc in docs:
-            known = index.manifest["documents"].get(doc.source)
-            if known and known["sha256"] == doc.sha256:
-                if known["departments"] == departments:
-                    report.unchanged.append(doc.source)
-                else:
-                    index.set_departments(doc.source, departments)
-                    report.relabelled.append(doc.source)
-                continue
-            (report.replaced if known else report.added).append(doc.source)
-            to_embed.append(doc)
-
         chunks = []
-        for doc in to_embed:
+        for doc, old_key in plan:
+            if old_key is not None:
+                index.remove_document(old_key)
+            key = index.new_key(doc.source)
             doc_chunks = chunker.split(doc, departments)
+            for c in doc_chunks:
+                c.doc = key
             chunks.extend(doc_chunks)
-            index.remove_source(doc.source)
-            index.manifest["documents"][doc.source] = {
-                "sha256": doc.sha256,
-                "title": doc.title,
-                "departments": departments,
-                "n_chunks": len(doc_chunks),
-                "chars": len(doc.text),
-                "ingested": time.time(),
-            }
+            index.documents[key] = _entry(doc, departments, len(doc_chunks))
         if chunks:
             t_embed = time.perf_counter()
             vectors = embedder.encode([c.text for c in chunks], batch_size=batch_size, progress=progress)
             report.embed_seconds = time.perf_counter() - t_embed
             index.add(chunks, vectors)
             report.chunks_embedded = len(chunks)
-        if to_embed or report.relabelled or not DocumentIndex.exists(root, name):
+        if plan or report.relabelled or report.migrated or not DocumentIndex.exists(root, name):
             index.save()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def delete_documents(root: Path, name: str, sources: Sequence[str]) -> IngestReport:
-    """Remove documents (by source path as ingested, or a path that resolves to it)."""
+def _plan(index: DocumentIndex, docs: list[Document], departments: list[str],
+          report: IngestReport) -> list[tuple[Document, str | None]]:
+    """Relabel and migrate in place; return the documents to (re-)embed with the key they replace.
+    Every ambiguity is found here, before the index is changed."""
+    matches = []
+    claimed: set[str] = set()
+    for doc in docs:
+        key = match_document(index, doc, departments, claimed)
+        if key is not None:
+            claimed.add(key)
+        matches.append((doc, key))
+    to_embed = []
+    for doc, key in matches:
+        entry = index.documents.get(key) if key is not None else None
+        if entry is None:
+            report.added.append(doc.source)
+            to_embed.append((doc, None))
+            continue
+        if entry["sha256"] != doc.sha256:
+            report.replaced.append(doc.source)
+            to_embed.append((doc, key))
+            continue
+        migrated = "legacy_path" in entry
+        if migrated:
+            key = _migrate(index, key, doc)
+            report.migrated.append(doc.source)
+        if entry["departments"] != departments:
+            index.set_departments(key, departments)
+            report.relabelled.append(doc.source)
+        elif not migrated:
+            report.unchanged.append(doc.source)
+    return to_embed
+
+
+def _migrate(index: DocumentIndex, key: str, doc: Document) -> str:
+    """Rekey an old entry to the document's relative source (its chunks are kept as they are)."""
+    new = key if key == doc.source else index.new_key(doc.source)
+    index.rekey(key, new, doc.source)
+    index.documents[new]["origin"] = origin_of(doc.path)
+    return new
+
+
+def delete_documents(root: Path, name: str, sources: Sequence[str],
+                     departments: Sequence[str] | None = None) -> IngestReport:
+    """Remove documents named by relative path, glob or the path they were ingested from.
+
+    With `departments`, only documents those departments read are selected, and a document also
+    read by other departments is not removed but relabelled to those others (reported as
+    relabelled). A plain path that names several documents, or a name that matches none, is an
+    error and nothing is removed."""
     root = Path(root)
     report = IngestReport(index=name)
-    with _lock(root, name):
+    depts = sorted({check_name("department", d) for d in departments or ()})
+    if not sources:
+        raise RagptError("no documents given to delete")
+    with index_lock(root, name):
         index = DocumentIndex.open(root, name)
-        for s in sources:
-            key = s if s in index.manifest["documents"] else display_path(Path(s))
-            if key not in index.manifest["documents"]:
-                raise RagptError(f"document {s!r} is not in index {name!r}")
-        for s in sources:
-            key = s if s in index.manifest["documents"] else display_path(Path(s))
-            index.remove_source(key)
-            report.deleted.append(key)
+        keys = _select(index, sources, depts)
+        for key in keys:
+            entry = index.documents[key]
+            keep = [d for d in entry["departments"] if depts and d not in depts]
+            if keep:
+                index.set_departments(key, keep)
+                report.relabelled.append(entry["source"])
+            else:
+                index.remove_document(key)
+                report.deleted.append(entry["source"])
         index.save()
     return report
+
+
+def _select(index: DocumentIndex, sources: Sequence[str], departments: list[str]) -> list[str]:
+    scope = f" readable by {', '.join(departments)}" if departments else ""
+    keys: list[str] = []
+    for s in sources:
+        s = str(s)
+        found = _by_location(index, s, departments) or index.find_documents(s, departments)
+        if not found:
+            raise RagptError(f"document {s[:200]!r} is not in index {index.name!r}{scope}")
+        if len(found) > 1 and not is_glob(s):
+            raise RagptError(
+                f"{s[:200]!r} names {len(found)} documents in index {index.name!r}: {_describe(index, found)}; "
+                "add -d DEPT to choose, or use a glob to delete them all"
+            )
+        keys.extend(k for k in found if k not in keys)
+    return keys
+
+
+def _by_location(index: DocumentIndex, given: str, departments: list[str]) -> list[str]:
+    """A path to an existing file names exactly the document ingested from that file."""
+    path = Path(given)
+    if not path.is_file():
+        return []
+    origin, real = origin_of(path), path.resolve().as_posix()
+    return [k for k, e in index.documents.items()
+            if (e.get("origin") == origin or e.get("legacy_path") == real)
+            and (not departments or set(departments) & set(e["departments"]))]

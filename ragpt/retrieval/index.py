@@ -7,23 +7,40 @@ Layout of `indexes/NAME/`:
     snap-<id>/manifest.json embedder, counts, per-document checksums, file checksums
 Every change builds a new snapshot and then flips CURRENT, so readers never see a torn index
 and a crash mid-write leaves the previous snapshot live. The previous snapshot is kept.
+
+Documents. `manifest["documents"]` maps a document key to its entry: source (path relative to
+the ingest root, what citations show), departments, sha256, origin (a digest of the file's
+absolute location, never the path itself), title, counts. The key is the source, or
+"source@N" when another document with the same source (readable by other departments) was
+there first; every chunk names its document's key in `doc`.
+
+Old indexes (format 1) keyed documents by the path as ingested: relative to the ingesting
+process's working directory, or absolute. They open and serve as they are, upgraded in memory:
+an absolute path is shown relative to the deepest folder common to the index's absolute paths
+(one document: its parent folder), a relative one as it was stored; the stored path is kept as
+`legacy_path` so the next ingest of the same file recognises it and rekeys the document to its
+root-relative source ("migrated", nothing re-embedded). The next save writes format 2.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
+import re
 import secrets
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import faiss
 import numpy as np
+from filelock import FileLock
 
 from ragpt.atomic import atomic_write_json, atomic_write_text, sha256_file
-from ragpt.data.documents import Chunk
+from ragpt.data.documents import Chunk, is_glob, source_matches, source_matches_pattern
 from ragpt.errors import (
     EmbedderMismatchError,
     IndexCorruptError,
@@ -33,8 +50,11 @@ from ragpt.errors import (
 )
 from ragpt.names import check_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: documents keyed by the path as ingested (see the module docstring)
 FILTER_FIELDS = ("source", "title", "doc_sha256")
+_SNAPSHOT_NAME = re.compile(r"snap-[A-Za-z0-9_-]+")
+_MANIFEST_KEYS = {"format": int, "embedder": dict, "documents": dict, "files": dict, "next_id": int}
 
 
 @dataclass
@@ -48,6 +68,33 @@ class StoredChunk:
     end: int
     doc_sha256: str
     departments: list[str]
+    doc: str = ""  # the document's key in the manifest (format 1 chunks have none: their source is it)
+
+
+_CHUNK_FIELDS = {f.name for f in fields(StoredChunk)}
+_CHUNK_REQUIRED = _CHUNK_FIELDS - {"doc"}
+
+
+def index_lock(root: Path, name: str) -> FileLock:
+    """The lock every writer of index `name` holds (ingest, delete, save, removing the index)."""
+    # Beside the index folder, not inside it: taking the lock must not create the index.
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return FileLock(str(Path(root) / f".{name}.lock"), timeout=600)
+
+
+def _damaged(name: str, what: str) -> IndexCorruptError:
+    return IndexCorruptError(
+        f"index {name!r}: {what}; the index is damaged: re-ingest its documents "
+        f"(`ragpt index delete {name} --yes`, then `ragpt ingest -i {name} -d DEPT PATH`)"
+    )
+
+
+def _not_found(root: Path, name: str) -> IndexNotFoundError:
+    names = sorted(p.parent.name for p in Path(root).glob("*/CURRENT")) if Path(root).is_dir() else []
+    return IndexNotFoundError(
+        f"index {name!r} not found in {root}; existing: {', '.join(names) or '(none)'}. "
+        "Create it with `ragpt ingest --index NAME --department D PATH`"
+    )
 
 
 class DocumentIndex:
@@ -80,6 +127,11 @@ class DocumentIndex:
         return sorted({d for c in self.chunks.values() for d in c.departments})
 
     @property
+    def documents(self) -> dict[str, dict]:
+        """Document key -> manifest entry (source, departments, sha256, n_chunks, ...)."""
+        return self.manifest["documents"]
+
+    @property
     def snapshot_id(self) -> str | None:
         return self.manifest.get("snapshot")
 
@@ -110,7 +162,8 @@ class DocumentIndex:
     def allowed_ids(self, department: str, filters: dict | None = None) -> np.ndarray:
         """Ids of chunks `department` may read and that match every metadata filter.
 
-        Filters map a field (source, title, doc_sha256) to a value or list of values.
+        Filters map a field (source, title, doc_sha256) to a value or list of values. A source
+        value is a relative path or a glob (`source_matches_pattern`); the others match exactly.
         """
         filters = filters or {}
         if not filters:
@@ -124,11 +177,28 @@ class DocumentIndex:
         ids = [
             c.id
             for c in self.chunks.values()
-            if department in c.departments and all(getattr(c, k) in vs for k, vs in wanted.items())
+            if department in c.departments and all(_field_matches(c, k, vs) for k, vs in wanted.items())
         ]
         out = np.asarray(sorted(ids), dtype=np.int64)
         if not filters:
             self._dept_ids[department] = (self._version, out)
+        return out
+
+    def find_documents(self, pattern: str, departments: Iterable[str] | None = None) -> list[str]:
+        """Keys of the documents `pattern` names, readable by one of `departments` when given.
+
+        A glob matches sources as `source_matches_pattern` says; a plain path also matches when it
+        is longer than the source (a path to the file as given to ingest: "docs/hr/policy.md"
+        names "policy.md"). An old document also matches by the path it was stored under."""
+        wanted = set(departments or ())
+        plain = not is_glob(pattern)
+        out = []
+        for key, entry in self.documents.items():
+            if wanted and not wanted & set(entry["departments"]):
+                continue
+            names = [entry["source"]] + ([entry["legacy_path"]] if entry.get("legacy_path") else [])
+            if any(source_matches_pattern(n, pattern) or (plain and source_matches(pattern, n)) for n in names):
+                out.append(key)
         return out
 
     # ------------------------------------------------------------------ mutation
@@ -141,26 +211,55 @@ class DocumentIndex:
         ids = np.arange(start, start + len(chunks), dtype=np.int64)
         self.faiss.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
         for i, c in zip(ids.tolist(), chunks):
-            self.chunks[i] = StoredChunk(id=i, **asdict(c))
+            stored = StoredChunk(id=i, **asdict(c))
+            stored.doc = stored.doc or stored.source
+            self.chunks[i] = stored
         self.manifest["next_id"] = start + len(chunks)
         self._version += 1
 
-    def remove_source(self, source: str) -> int:
-        ids = [c.id for c in self.chunks.values() if c.source == source]
+    def remove_document(self, key: str) -> int:
+        """Remove one document (by key) and its chunks; return how many chunks went."""
+        ids = [c.id for c in self.chunks.values() if c.doc == key]
         if ids:
             self.faiss.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64)))
             for i in ids:
                 del self.chunks[i]
             self._version += 1
-        self.manifest["documents"].pop(source, None)
+        self.documents.pop(key, None)
         return len(ids)
 
-    def set_departments(self, source: str, departments: list[str]) -> None:
+    def remove_source(self, source: str) -> int:
+        """Remove every document whose key or source is `source`."""
+        keys = [k for k, e in self.documents.items() if source in (k, e["source"])]
+        keys += sorted({c.doc for c in self.chunks.values() if c.source == source} - set(keys))
+        return sum(self.remove_document(k) for k in keys)
+
+    def set_departments(self, key: str, departments: list[str]) -> None:
         for c in self.chunks.values():
-            if c.source == source:
+            if c.doc == key:
                 c.departments = list(departments)
-        self.manifest["documents"][source]["departments"] = list(departments)
+        self.documents[key]["departments"] = list(departments)
         self._version += 1
+
+    def rekey(self, old: str, new: str, source: str) -> None:
+        """Give document `old` the key `new` and the source `source` (migrating an old entry)."""
+        entry = self.documents.pop(old)
+        entry.pop("legacy_path", None)
+        entry["source"] = source
+        self.documents[new] = entry
+        for c in self.chunks.values():
+            if c.doc == old:
+                c.doc, c.source = new, source
+        self._version += 1
+
+    def new_key(self, source: str) -> str:
+        """A key for a new document: its source, or source@N when that is taken."""
+        if source not in self.documents:
+            return source
+        n = 2
+        while f"{source}@{n}" in self.documents:
+            n += 1
+        return f"{source}@{n}"
 
     # ------------------------------------------------------------------ persistence
     @classmethod
@@ -173,6 +272,7 @@ class DocumentIndex:
             "chunking": chunking,
             "created": time.time(),
             "documents": {},
+            "files": {},
             "next_id": 0,
         }
         return cls(root, name, manifest, faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim))), [])
@@ -183,39 +283,40 @@ class DocumentIndex:
 
     @classmethod
     def open(cls, root: Path, name: str) -> DocumentIndex:
+        """Open the live snapshot; IndexCorruptError (naming the file relative to the index folder)
+        for anything that is not what save() writes."""
         check_name("index", name)
         path = Path(root) / name
-        current = path / "CURRENT"
-        if not current.is_file():
-            names = sorted(p.parent.name for p in Path(root).glob("*/CURRENT")) if Path(root).is_dir() else []
-            raise IndexNotFoundError(
-                f"index {name!r} not found in {root}; existing: {', '.join(names) or '(none)'}. "
-                "Create it with `ragpt ingest --index NAME --department D PATH`"
-            )
-        snap = path / current.read_text().strip()
-        manifest_path = snap / "manifest.json"
-        if not manifest_path.is_file():
-            raise IndexCorruptError(f"index {name!r}: snapshot {snap} has no manifest.json")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT_VERSION:
-            raise IndexCorruptError(f"index {name!r}: unsupported format {manifest.get('format')!r}")
+        if not (path / "CURRENT").is_file():
+            raise _not_found(root, name)
+        snap_id = _read_current(path, name)
+        manifest = _read_manifest(path, snap_id, name)
+        snap = path / snap_id
         for fname, want in manifest["files"].items():
             f = snap / fname
-            if not f.is_file() or sha256_file(f) != want:
-                raise IndexCorruptError(f"index {name!r}: {f} is missing or fails its sha256 checksum")
-        chunks = [
-            StoredChunk(**json.loads(line))
-            for line in (snap / "chunks.jsonl").read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
-        index = faiss.read_index(str(snap / "dense.faiss"))
+            if fname not in ("dense.faiss", "chunks.jsonl") or not f.is_file() or sha256_file(f) != want:
+                raise _damaged(name, f"{snap_id}/{fname} is missing or fails its sha256 checksum")
+        for fname in ("dense.faiss", "chunks.jsonl"):
+            if fname not in manifest["files"]:
+                raise _damaged(name, f"{snap_id}/manifest.json lists no checksum for {fname}")
+        chunks = _read_chunks(snap / "chunks.jsonl", f"{snap_id}/chunks.jsonl", name)
+        try:
+            index = faiss.read_index(str(snap / "dense.faiss"))
+        except RuntimeError:
+            raise _damaged(name, f"{snap_id}/dense.faiss is not a FAISS index") from None
         if index.ntotal != len(chunks):
-            raise IndexCorruptError(f"index {name!r}: {index.ntotal} vectors but {len(chunks)} chunks")
+            raise _damaged(name, f"{index.ntotal} vectors but {len(chunks)} chunks in {snap_id}")
+        _upgrade_format_1(manifest, chunks)
         return cls(root, name, manifest, index, chunks)
 
     def save(self) -> Path:
-        """Write a new snapshot and make it current; return its folder."""
+        """Write a new snapshot and make it current; return its folder.
+
+        Call it holding `index_lock(root, name)`: it first removes what killed saves left behind
+        (.tmp-snap-* folders, CURRENT's temp files), which only a save running unlocked could still
+        be writing."""
         self.path.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
         snap_id = f"snap-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
         tmp = self.path / f".tmp-{snap_id}"
         tmp.mkdir()
@@ -229,6 +330,7 @@ class DocumentIndex:
                 for d in c.departments:
                     counts[d] = counts.get(d, 0) + 1
             self.manifest.update(
+                format=FORMAT_VERSION,
                 snapshot=snap_id,
                 updated=time.time(),
                 n_chunks=len(self.chunks),
@@ -247,9 +349,136 @@ class DocumentIndex:
         self._prune(keep={snap_id, previous})
         return self.path / snap_id
 
+    def _remove_leftovers(self) -> None:
+        for tmp in self.path.glob(".tmp-snap-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in self.path.glob(".CURRENT.*.tmp"):  # ragpt.atomic's temp name for CURRENT
+            tmp.unlink(missing_ok=True)
+
     def _prune(self, keep: set[str | None]) -> None:
         """Delete snapshots other than the new one and the one it replaced (kept for a reader
         that opened it just before the flip, and for inspection)."""
         for old in self.path.glob("snap-*"):
             if old.is_dir() and old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def delete_index(root: Path, name: str) -> None:
+    """Remove index `name` and all its snapshots (IndexNotFoundError if there is none)."""
+    check_name("index", name)
+    path = Path(root) / name
+    if not path.is_dir():
+        raise _not_found(root, name)
+    with index_lock(root, name):
+        # Renamed away first: the index disappears at once, never half-deleted under its name.
+        doomed = Path(root) / f".deleted-{name}-{secrets.token_hex(3)}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- reading a snapshot
+
+
+def _field_matches(c: StoredChunk, key: str, values: set[str]) -> bool:
+    value = getattr(c, key)
+    if value in values:
+        return True
+    return key == "source" and any(source_matches_pattern(value, p) for p in values)
+
+
+def _read_current(path: Path, name: str) -> str:
+    try:
+        snap_id = (path / "CURRENT").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise _damaged(name, "CURRENT cannot be read") from None
+    if not _SNAPSHOT_NAME.fullmatch(snap_id):
+        raise _damaged(name, "CURRENT does not name a snapshot")
+    if not (path / snap_id).is_dir():
+        raise _damaged(name, f"CURRENT names snapshot {snap_id}, which does not exist")
+    return snap_id
+
+
+def _read_manifest(path: Path, snap_id: str, name: str) -> dict:
+    rel = f"{snap_id}/manifest.json"
+    f = path / snap_id / "manifest.json"
+    if not f.is_file():
+        raise _damaged(name, f"{rel} is missing")
+    try:
+        manifest = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno} column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise _damaged(name, f"{rel} is not valid JSON{where}") from None
+    if not isinstance(manifest, dict):
+        raise _damaged(name, f"{rel} is not a JSON object")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise IndexCorruptError(
+            f"index {name!r}: unsupported format {str(manifest.get('format'))[:20]!r} in {rel} "
+            f"(this ragpt reads {', '.join(map(str, READABLE_FORMATS))})"
+        )
+    bad = sorted(k for k, t in _MANIFEST_KEYS.items() if not isinstance(manifest.get(k), t))
+    if bad:
+        raise _damaged(name, f"{rel} lacks or has a wrong type for {', '.join(bad)}")
+    emb = manifest["embedder"]
+    if not isinstance(emb.get("name"), str) or not isinstance(emb.get("dim"), int):
+        raise _damaged(name, f"{rel} has no valid embedder name and dim")
+    docs = manifest["documents"]
+    if not all(isinstance(e, dict) and isinstance(e.get("departments"), list) and isinstance(e.get("sha256"), str)
+               for e in docs.values()):
+        raise _damaged(name, f"{rel} has a document entry without departments or sha256")
+    if not all(isinstance(v, str) for v in manifest["files"].values()):
+        raise _damaged(name, f"{rel} has a file checksum that is not a string")
+    return manifest
+
+
+def _read_chunks(f: Path, rel: str, name: str) -> list[StoredChunk]:
+    chunks = []
+    for n, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise _damaged(name, f"{rel} line {n} is not valid JSON") from None
+        if not (isinstance(item, dict) and _CHUNK_REQUIRED <= item.keys() <= _CHUNK_FIELDS
+                and isinstance(item["id"], int) and isinstance(item["departments"], list)):
+            raise _damaged(name, f"{rel} line {n} is not a chunk record")
+        chunks.append(StoredChunk(**item))
+    if len({c.id for c in chunks}) != len(chunks):
+        raise _damaged(name, f"{rel} repeats a chunk id")
+    return chunks
+
+
+def _is_absolute(p: str) -> bool:
+    return p.startswith("/") or bool(re.match(r"[A-Za-z]:/", p))
+
+
+def _legacy_display(paths: list[str]) -> dict[str, str]:
+    """Old stored path -> the source shown for it (see the module docstring)."""
+    absolute = [p for p in paths if _is_absolute(p)]
+    base = posixpath.commonpath([posixpath.dirname(p) for p in absolute]) if absolute else ""
+    return {p: posixpath.relpath(p, base) if p in absolute else p for p in paths}
+
+
+def _upgrade_format_1(manifest: dict, chunks: list[StoredChunk]) -> None:
+    """In memory: entries without a source (format 1, keyed by the path as ingested) get one,
+    and a key that shows no absolute path; chunks get their document's key."""
+    docs = manifest["documents"]
+    old = [k for k, e in docs.items() if "source" not in e]
+    if old:
+        display = _legacy_display(old)
+        upgraded: dict[str, dict] = {k: e for k, e in docs.items() if k not in display}
+        keys: dict[str, str] = {}
+        for k in old:
+            new = display[k]
+            n = 2
+            while new in upgraded:
+                new = f"{display[k]}@{n}"
+                n += 1
+            keys[k] = new
+            upgraded[new] = {**docs[k], "source": display[k], "legacy_path": k}
+        manifest["documents"] = upgraded
+        for c in chunks:
+            if not c.doc and c.source in keys:
+                c.doc, c.source = keys[c.source], display[c.source]
+    for c in chunks:
+        c.doc = c.doc or c.source

@@ -60,8 +60,9 @@ def list_prompts(
         typer.echo("no soft prompts registered")
         return
     for r in rows:
-        metrics = " ".join(f"{k}={v}" for k, v in sorted(r["metrics"].items()))
-        typer.echo(f"{r['department']:<16} {r['version']:<6} {r['state']:<9} "
+        verdict = (r["metrics"].get("dev_verdict") or {}).get("verdict", "-").replace(" ", "-")
+        metrics = " ".join(f"{k}={v}" for k, v in sorted(r["metrics"].items()) if not isinstance(v, dict))
+        typer.echo(f"{r['department']:<16} {r['version']:<6} {r['state']:<9} {verdict:<9} "
                    f"{r['created'] or '-':<25} {r['author'] or '-':<12} {metrics}")
 
 
@@ -129,13 +130,17 @@ def log(
 
 @prompts_app.command("approve")
 def approve(ctx: typer.Context, department: str, version: str,
-            actor: Actor = None, reason: Reason = "") -> None:
-    """Approve a draft (draft -> approved)."""
+            actor: Actor = None, reason: Reason = "",
+            force: Annotated[bool, typer.Option(
+                "--force", help="Approve a draft whose dev verdict is 'worse' (needs --reason; audited).")] = False,
+            ) -> None:
+    """Approve a draft (draft -> approved). A draft that scored worse than no prompt on its dev
+    set is refused unless --force with a --reason."""
     try:
-        _registry(ctx).approve(department, version, actor=_actor(actor), reason=reason)
+        _registry(ctx).approve(department, version, actor=_actor(actor), reason=reason, force=force)
     except RagptError as e:
         fail(e)
-    typer.echo(f"{department} {version}: approved")
+    typer.echo(f"{department} {version}: approved" + (" (forced)" if force else ""))
 
 
 @prompts_app.command("activate")

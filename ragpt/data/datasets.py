@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ragpt.atomic import atomic_write_text
-from ragpt.data.qa import QAExample, examples_sha256, normalize_answer, save_jsonl, split_by_document
+from ragpt.data.qa import QAExample, examples_sha256, normalize_answer, save_jsonl, select_dev
 from ragpt.errors import RagptError
 
 SPLITS = ("train", "dev", "test")
@@ -71,13 +71,12 @@ def reproduces_training_hash(meta: dict, train_qas: list[QAExample], dev_qas: li
     ragpt.training.trainer.train_prompt does and compare with the metadata's training_data_sha256."""
     want = meta.get("training_data_sha256")
     hp = meta.get("hyperparameters") or {}
-    dev_max = hp.get("dev_max", 48)
-    candidates = []
+    kw = {"dev_fraction": hp.get("dev_fraction", 0.15), "dev_max": hp.get("dev_max", 48), "seed": hp.get("seed", 0),
+          "rule": hp.get("dev_selection", "first")}
+    candidates = [select_dev(train_qas, None, **kw)]
     if dev_qas:  # trained with --dev-data
-        candidates.append(train_qas + dev_qas[:dev_max])
-    train, dev = split_by_document(train_qas, hp.get("dev_fraction", 0.15), hp.get("seed", 0))
-    candidates.append(train + dev[:dev_max])
-    return bool(want) and any(examples_sha256(c) == want for c in candidates)
+        candidates.append(select_dev(train_qas, dev_qas, **kw))
+    return bool(want) and any(examples_sha256(train + dev) == want for train, dev in candidates)
 
 
 def overlap_check(test_qas: Sequence[QAExample], training_keys: set[str] | None, *, verified: bool,

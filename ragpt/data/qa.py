@@ -123,14 +123,65 @@ def examples_sha256(examples: list[QAExample]) -> str:
     return h.hexdigest()
 
 
-def split_by_document(examples: list[QAExample], dev_fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic train/dev split that keeps each document's questions on one side."""
+def _seeded_order(keys, seed: int) -> list:
+    return sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+
+
+def _by_document(examples: list[QAExample]) -> dict[str, list[QAExample]]:
     groups: dict[str, list[QAExample]] = {}
     for i, e in enumerate(examples):
         groups.setdefault(e.doc_id or f"__example{i}", []).append(e)
-    order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    return groups
+
+
+def split_by_document(examples: list[QAExample], dev_fraction: float, seed: int,
+                      cap: int | None = None) -> tuple[list, list]:
+    """Deterministic train/dev split that keeps each document's questions on one side: whole
+    documents, in a seeded order, go to dev until it holds dev_fraction of the questions (at most
+    `cap`; the last document may overshoot, see spread_sample)."""
+    groups = _by_document(examples)
     want = max(1, round(dev_fraction * len(examples))) if dev_fraction > 0 else 0
+    if cap is not None:
+        want = min(want, cap)
     dev, train = [], []
-    for g in order:
+    for g in _seeded_order(groups, seed):
         (dev if len(dev) < want else train).extend(groups[g])
     return train, dev
+
+
+def spread_sample(examples: list[QAExample], n: int, seed: int) -> list[QAExample]:
+    """At most n examples spread across documents: documents in a seeded order take turns, one
+    question each (in a seeded order within the document), so that a dev set cut from a file
+    sorted by document is not one or two documents' questions."""
+    if len(examples) <= n:
+        return list(examples)
+    queues = [_seeded_order(range(len(qs)), seed) for qs in _by_document(examples).values()]
+    groups = list(_by_document(examples).values())
+    order = _seeded_order(range(len(groups)), seed)
+    out: list[QAExample] = []
+    depth = 0
+    while len(out) < n:
+        for g in order:
+            if depth < len(queues[g]) and len(out) < n:
+                out.append(groups[g][queues[g][depth]])
+        depth += 1
+    return out
+
+
+def select_dev(qas: list[QAExample], dev_qas: list[QAExample] | None, *, dev_fraction: float, dev_max: int,
+               seed: int, rule: str = "spread") -> tuple[list[QAExample], list[QAExample]]:
+    """The training and dev questions of a run.
+
+    Without a dev file, whole documents of `qas` (seeded) are held out until dev has dev_fraction
+    of the questions, at most dev_max. With one, up to dev_max of its questions, spread across its
+    documents. Rule "first" is how prompts trained before spreading picked them (the first
+    dev_max), kept so that their training data can still be recognised.
+    """
+    if rule == "first":
+        train, dev = (qas, dev_qas) if dev_qas is not None else split_by_document(qas, dev_fraction, seed)
+        return train, dev[:dev_max]
+    if dev_qas is None:
+        train, dev = split_by_document(qas, dev_fraction, seed, cap=dev_max)
+    else:
+        train, dev = qas, dev_qas
+    return train, spread_sample(dev, dev_max, seed)

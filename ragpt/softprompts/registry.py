@@ -29,6 +29,7 @@ state and then removes the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -87,6 +88,10 @@ class UnknownVersionError(RegistryError):
 
 class IllegalTransitionError(RegistryError):
     """A state change the life cycle does not allow (e.g. activating a draft)."""
+
+
+class ReleaseGateError(IllegalTransitionError):
+    """Approving a draft that its dev evaluation found worse than no prompt, without --force."""
 
 
 class NoActivePromptError(RegistryError):
@@ -274,8 +279,12 @@ class PromptRegistry:
                     **audit_more})
         return version
 
-    def approve(self, dept: str, version: str, *, actor: str, reason: str = "") -> None:
-        """draft -> approved. Approving an approved version raises IllegalTransitionError."""
+    def approve(self, dept: str, version: str, *, actor: str, reason: str = "", force: bool = False) -> None:
+        """draft -> approved. Approving an approved version raises IllegalTransitionError.
+
+        A draft whose dev verdict (recorded by `ragpt train`) is "worse" than no prompt is
+        refused unless `force`, with a reason; the audit line carries the verdict and the force.
+        """
         self._check_actor(actor, reason)
         with self._change(dept) as (state, commit):
             entry = self._entry(state, dept, version)
@@ -283,8 +292,38 @@ class PromptRegistry:
                 raise IllegalTransitionError(
                     f"{dept} {version} is already {entry['state']}; only drafts can be approved"
                 )
+            verdict = self._dev_verdict(dept, version, entry)
+            worse = (verdict or {}).get("verdict") == "worse"
+            if worse and not force:
+                raise ReleaseGateError(
+                    f"{dept} {version} scored worse than no prompt on its dev set "
+                    f"({verdict.get('delta'):+} F1 [{verdict.get('low'):+}, {verdict.get('high'):+}], "
+                    f"n={verdict.get('n')}); approve it anyway with --force and a --reason"
+                )
+            if worse and not reason.strip():
+                raise ReleaseGateError("approving a draft that scored worse than no prompt needs a --reason")
+            more = {"verdict": verdict} if verdict else {}
+            if worse:
+                more["forced"] = True
             commit({"action": "approve", "department": dept, "version": version, "actor": actor,
-                    "reason": reason})
+                    "reason": reason, **more})
+
+    def _dev_verdict(self, dept: str, version: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """The release verdict training recorded in the version's meta.json (JSON only, checked
+        against the hash registered with it: an edited verdict is not trusted)."""
+        path = self._version_dir(dept, version) / META_FILE
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise SoftPromptError(f"{dept}/{version}/{META_FILE}: cannot be read ({e.strerror})") from e
+        if entry.get("meta_sha256") and hashlib.sha256(raw).hexdigest() != entry["meta_sha256"]:
+            raise SoftPromptError(f"{dept}/{version}/{META_FILE}: changed since it was registered")
+        try:
+            meta = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SoftPromptError(f"{dept}/{version}/{META_FILE}: not valid JSON") from e
+        verdict = (meta.get("metrics") or {}).get("dev_verdict") if isinstance(meta, dict) else None
+        return verdict if isinstance(verdict, dict) else None
 
     def activate(self, dept: str, version: str, *, actor: str, reason: str = "") -> None:
         """Make an approved version the department's one active prompt."""

@@ -21,8 +21,10 @@ from ragpt.training.trainer import (
     TrainConfig,
     TrainResult,
     check_deep_support,
+    describe_verdict,
     dist_info,
     init_distributed_from_env,
+    release_verdict,
     train_prompt,
 )
 
@@ -99,6 +101,7 @@ def run_training(
     # The retrieval mode is the settings'; the prompt records it in its input contract.
     retriever = Retriever(doc_index, embedder, dense=settings.dense, bm25=settings.bm25, rrf_k=settings.rrf_k)
     model, tok = load_generator_model(settings)
+    cfg.resolve(model, log)  # depth and warm-up, before they key the checkpoint folder
     if cfg.depth > 1:
         check_deep_support(model, cfg.depth)  # before retrieving for every example
     cfg.bf16 = resolve_bf16(settings.bf16) if cfg.bf16 is None else cfg.bf16
@@ -110,6 +113,10 @@ def run_training(
     summary = {"department": cfg.department, "metrics": result.metrics, "version": None, "processes": world}
     if rank != 0:
         return summary
+    verdict = result.metrics.get("dev_verdict") or release_verdict(None, result.metrics.get("best_step", 0))
+    log(f"[train] release verdict: {describe_verdict(verdict)}")
+    if verdict["verdict"] == "worse":
+        log("[train] `ragpt prompts approve` refuses this draft unless --force with a --reason")
     prompt = SoftPrompt.create(
         result.prompt,
         department=cfg.department,
@@ -128,7 +135,7 @@ def run_training(
     if register:
         registry = PromptRegistry(Path(settings.prompt_dir))
         version = registry.register(prompt, actor=actor or getpass.getuser(),
-                                    reason=f"trained on {Path(data).name}")
+                                    reason=f"trained on {Path(data).name}; dev verdict: {verdict['verdict']}")
         folder = Path(settings.prompt_dir) / cfg.department / version
     else:
         folder = ckpt / "result"

@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from ragpt.atomic import atomic_write_json
 from ragpt.config import CONTRACT_DEFAULTS
-from ragpt.data.qa import QAExample, examples_sha256, split_by_document
+from ragpt.data.qa import QAExample, examples_sha256, select_dev
 from ragpt.errors import RagptError
-from ragpt.evaluation.metrics import answer_in_text, best_over, exact_match, token_f1
+from ragpt.evaluation.metrics import answer_in_text, best_over, exact_match, paired_difference_ci, token_f1
 from ragpt.lm.generator import Generator
 from ragpt.lm.models import inference_model
 from ragpt.lm.template import (
@@ -59,19 +59,25 @@ from ragpt.training.causal_attention import chunked_causal_attention
 INIT_MODES = ("text", "vocab", "random")
 
 
+WARMUP_FRACTION = 0.1  # of the steps, when --warmup-steps is not given
+MIN_DECISIVE_DEV = 30  # dev questions below which a paired interval rarely excludes 0
+
+
 @dataclass
 class TrainConfig:
     department: str
     n_tokens: int = 20
-    depth: int = 1  # 1: a plain prompt; >1: a deep prompt over the first `depth` layers (ragpt.softprompts.deep)
+    # 0: a deep prompt over every decoder layer (the measured best recipe); 1: a plain prompt;
+    # N: a deep prompt over the first N layers (ragpt.softprompts.deep). resolve() fills in 0.
+    depth: int = 0
     init: str = "text"  # text: embeddings of init_text; vocab: sampled token embeddings; random
     init_text: str | None = None  # default: the template's system prompt for the department
-    steps: int = 120
+    steps: int = 80
     batch_size: int = 8  # examples per optimizer step (global, across processes)
     grad_accum: int = 1  # micro-batches per step: micro-batch = batch_size / grad_accum
     lr: float = 1e-2
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int | None = None  # None: WARMUP_FRACTION of the steps (resolve())
     max_grad_norm: float = 1.0
     # How the inputs are built: recorded with the prompt as its input contract, applied when it is served.
     k: int = CONTRACT_DEFAULTS["k"]  # retrieved chunks per example
@@ -82,8 +88,11 @@ class TrainConfig:
     # Put the gold passage in the context: never; when retrieval missed the answer; always.
     gold_context: str = "never"
     max_answer_tokens: int = 64
-    dev_fraction: float = 0.15
-    dev_max: int = 48
+    dev_fraction: float = 0.15  # of --data held out as dev (whole documents), or of it taken from --dev-data
+    dev_max: int = 200
+    # How dev questions are picked: "spread" = seeded, documents taking turns (spread_sample).
+    # Prompts trained before it existed took the first dev_max ("first").
+    dev_selection: str = "spread"
     eval_every: int = 20  # 0: evaluate only at the end
     patience: int = 3  # evaluations without dev-F1 improvement before stopping
     eval_max_new_tokens: int = 48
@@ -97,11 +106,51 @@ class TrainConfig:
             raise RagptError(f"init must be one of {INIT_MODES}, got {self.init!r}")
         if self.gold_context not in GOLD_CONTEXT_MODES:
             raise RagptError(f"gold_context must be one of {GOLD_CONTEXT_MODES}, got {self.gold_context!r}")
-        for name in ("n_tokens", "depth", "steps", "batch_size", "grad_accum"):
+        for name in ("n_tokens", "steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise RagptError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.depth < 0:
+            raise RagptError(f"depth must be >= 0 (0: every layer), got {self.depth}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise RagptError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.dev_selection != "spread":
+            raise RagptError(f"dev_selection must be 'spread', got {self.dev_selection!r}")
         if self.batch_size % self.grad_accum:
             raise RagptError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+
+    def resolve(self, model, log: Callable[[str], None] = print) -> TrainConfig:
+        """Fill in the defaults that depend on the model and the run: depth 0 -> every decoder
+        layer (a plain prompt where the model cannot serve deep ones), warm-up -> a share of the
+        steps. Idempotent; returns self."""
+        if self.depth == 0:
+            try:
+                check_deep_support(model, 1)
+                self.depth = len(decoder_layers(model))
+            except RagptError as e:
+                log(f"[train] a plain prompt instead of a deep one: {e}")
+                self.depth = 1
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, round(WARMUP_FRACTION * self.steps))
+        return self
+
+    def warnings(self, n_train: int, n_dev: int) -> list[str]:
+        """Settings that run but cannot do what they are meant to."""
+        out = []
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
+            out.append(f"warm-up ({self.warmup_steps} steps) is not shorter than the run ({self.steps} steps): "
+                       f"the learning rate never reaches {self.lr:g}; lower --warmup-steps or leave it unset")
+        if n_dev and self.eval_every and self.eval_every > self.steps:
+            out.append(f"--eval-every {self.eval_every} exceeds --steps {self.steps}: the dev set is scored "
+                       "only at the end, so the version cannot be chosen among steps")
+        if 0 < n_dev < MIN_DECISIVE_DEV:
+            out.append(f"{n_dev} dev questions are too few to tell a prompt from none (the interval will "
+                       f"likely span 0); give at least {MIN_DECISIVE_DEV} with --dev-data or more --data")
+        if not n_dev:
+            out.append("no dev set (--dev-fraction 0): the last step is kept and no release verdict is given")
+        if n_train and self.steps * self.batch_size < n_train:
+            out.append(f"{self.steps} steps of {self.batch_size} see {self.steps * self.batch_size} of the "
+                       f"{n_train} training examples: raise --steps to use them all")
+        return out
 
     def contract(self, retriever: Retriever) -> InputContract:
         """The input contract these settings and the retriever's mode build examples with."""
@@ -385,17 +434,40 @@ def check_deep_support(model, depth: int) -> None:
 def evaluate(generator: Generator, examples: list[TrainExample], prompt: torch.Tensor | None,
              max_new_tokens: int, batch: int = 8) -> dict:
     """Token-F1 / EM of greedy answers generated exactly as served (same prompt ids)."""
-    f1 = em = 0.0
-    preds = []
+    f1s, ems, preds = [], [], []
     for i in range(0, len(examples), batch):
         part = examples[i:i + batch]
         res = generator.generate([e.prompt_ids for e in part], [prompt] * len(part), max_new_tokens=max_new_tokens)
         for e, r in zip(part, res):
-            f1 += best_over(token_f1, r.text, e.qa.answers)
-            em += best_over(exact_match, r.text, e.qa.answers)
+            f1s.append(100 * best_over(token_f1, r.text, e.qa.answers))
+            ems.append(100 * best_over(exact_match, r.text, e.qa.answers))
             preds.append(r.text)
     n = max(1, len(examples))
-    return {"f1": 100 * f1 / n, "em": 100 * em / n, "n": len(examples), "predictions": preds}
+    return {"f1": sum(f1s) / n, "em": sum(ems) / n, "n": len(examples), "f1s": f1s, "predictions": preds}
+
+
+def versus_no_prompt(f1s: list[float], baseline_f1s: list[float], seed: int) -> dict:
+    """Paired bootstrap interval of dev token-F1 with the prompt minus without, per question."""
+    ci = paired_difference_ci(f1s, baseline_f1s, seed=seed)
+    return {"delta": round(ci.mean, 2), "low": round(ci.low, 2), "high": round(ci.high, 2), "n": ci.n}
+
+
+def release_verdict(vs_none: dict | None, step: int) -> dict:
+    """better / no better / worse than no prompt, by whether the 95% interval excludes 0.
+
+    The interval is that of the version kept, which was chosen as the best of the evaluations
+    on the same questions: slightly optimistic, so "better" is the claim to read with care."""
+    if not vs_none:
+        return {"verdict": "unknown", "step": step, "why": "no dev set or no baseline"}
+    verdict = "better" if vs_none["low"] > 0 else "worse" if vs_none["high"] < 0 else "no better"
+    return {"verdict": verdict, "step": step, **vs_none}
+
+
+def describe_verdict(v: dict) -> str:
+    if v.get("verdict") == "unknown":
+        return f"unknown ({v.get('why', 'no dev evaluation')})"
+    return (f"{v['verdict']} than no prompt: dev token-F1 {v['delta']:+.1f} [{v['low']:+.1f}, {v['high']:+.1f}] "
+            f"on {v['n']} questions (step {v['step']})")
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -443,6 +515,7 @@ def train_prompt(
     reporting; raising from it interrupts the run, which can then be resumed).
     """
     cfg.check()
+    cfg.resolve(model, log)
     rank, world = dist_info()
     main = rank == 0
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -453,11 +526,8 @@ def train_prompt(
         p.requires_grad_(False)  # frozen, provably: only the soft prompt is ever optimised
     torch.manual_seed(cfg.seed)
 
-    if dev_qas is None:
-        train_qas, dev_qas = split_by_document(qas, cfg.dev_fraction, cfg.seed)
-    else:
-        train_qas = qas
-    dev_qas = dev_qas[: cfg.dev_max]
+    train_qas, dev_qas = select_dev(qas, dev_qas, dev_fraction=cfg.dev_fraction, dev_max=cfg.dev_max,
+                                    seed=cfg.seed, rule=cfg.dev_selection)
     _check_no_leak(train_qas, dev_qas)
     if not train_qas:
         raise RagptError("no training examples left after the dev split")
@@ -477,6 +547,9 @@ def train_prompt(
     lengths = [len(e.ids) for e in train]
     if len(train) < cfg.batch_size:
         raise RagptError(f"{len(train)} training examples, fewer than batch_size={cfg.batch_size}")
+    if main:
+        for warning in cfg.warnings(len(train), len(dev)):
+            log(f"[train] warning: {warning}")
 
     # bf16: one frozen bf16 copy of the weights serves both the training forward/backward and
     # dev generation. Autocast would re-cast every fp32 weight on every forward (it caches casts
@@ -577,7 +650,10 @@ def train_prompt(
             if main:
                 r = evaluate(generator, dev, module.effective().detach(), cfg.eval_max_new_tokens)
                 f1 = torch.tensor([r["f1"]])
-                evals.append({"step": step + 1, "f1": round(r["f1"], 3), "em": round(r["em"], 3)})
+                entry = {"step": step + 1, "f1": round(r["f1"], 3), "em": round(r["em"], 3)}
+                if baseline and baseline.get("f1s"):
+                    entry["vs_none"] = versus_no_prompt(r["f1s"], baseline["f1s"], cfg.seed)
+                evals.append(entry)
             if world > 1:
                 dist.broadcast(f1, src=0)  # every process takes the same early-stopping decision
             if f1.item() > best["f1"]:
@@ -587,7 +663,9 @@ def train_prompt(
             else:
                 bad_evals += 1
             if main:
-                bar.write(f"[train] step {step + 1}: loss {mean_loss:.4f}, dev F1 {f1.item():.1f} "
+                vs = evals[-1].get("vs_none")
+                vs_text = f", vs none {vs['delta']:+.1f} [{vs['low']:+.1f}, {vs['high']:+.1f}]" if vs else ""
+                bar.write(f"[train] step {step + 1}: loss {mean_loss:.4f}, dev F1 {f1.item():.1f}{vs_text} "
                           f"(best {best['f1']:.1f} at {best['step']})")
             if cfg.patience and bad_evals >= cfg.patience:
                 stopped_early = True
@@ -632,6 +710,8 @@ def train_prompt(
             metrics["dev_f1_no_prompt"] = round(baseline["f1"], 3)
             metrics["dev_em_no_prompt"] = round(baseline["em"], 3)
         metrics["dev_retrieval_hit_rate"] = round(sum(e.retrieval_hit for e in dev) / len(dev), 4)
+        kept = next((e for e in evals if e["step"] == best["step"]), {})
+        metrics["dev_verdict"] = release_verdict(kept.get("vs_none"), best["step"])
     return TrainResult(
         prompt=best_prompt.float().contiguous(),
         metrics=metrics,

@@ -210,3 +210,14 @@ def test_an_old_document_can_be_deleted_by_its_old_path_or_new_name(built, real_
     rep = delete_documents(root, NAME, ["passwords.txt"])
     assert rep.deleted == ["it/passwords.txt"]
     assert DocumentIndex.open(root, NAME).documents == {}
+
+
+def test_a_damaged_index_can_be_deleted_but_not_a_folder_that_is_no_index(built):
+    root, _ = built
+    (root / NAME / "CURRENT").unlink()
+    (root / "notes").mkdir()
+    res = runner.invoke(app, ["--index-dir", str(root), "index", "delete", "notes", "--yes"])
+    assert res.exit_code == 2 and "not found" in res.output and (root / "notes").is_dir()
+    res = runner.invoke(app, ["--index-dir", str(root), "index", "delete", NAME, "--yes"])
+    assert res.exit_code == 0, res.output
+    assert not (root / NAME).exists()

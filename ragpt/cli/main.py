@@ -355,14 +355,11 @@ def index_delete(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete an index and all its snapshots (asks first; without a terminal, needs --yes)."""
-    from ragpt.names import check_name
-    from ragpt.retrieval.index import DocumentIndex, delete_index
+    from ragpt.retrieval.index import delete_index, index_folder
 
     try:
-        check_name("index", name)
         root = Path(_settings(ctx).index_dir)
-        if not (root / name).is_dir():
-            DocumentIndex.open(root, name)  # the clear "not found, existing: ..." error
+        index_folder(root, name)  # an unknown index fails before asking
         if not yes:
             if not sys.stdin.isatty():
                 raise RagptError(f"refusing to delete index {name!r} without confirmation: pass --yes")

@@ -363,12 +363,19 @@ class DocumentIndex:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def delete_index(root: Path, name: str) -> None:
-    """Remove index `name` and all its snapshots (IndexNotFoundError if there is none)."""
+def index_folder(root: Path, name: str) -> Path:
+    """The folder of index `name`, damaged or not (IndexNotFoundError when there is none)."""
     check_name("index", name)
     path = Path(root) / name
-    if not path.is_dir():
+    # A damaged index (CURRENT lost) counts, a folder that never was an index does not.
+    if not (path / "CURRENT").is_file() and not any(path.glob("snap-*")):
         raise _not_found(root, name)
+    return path
+
+
+def delete_index(root: Path, name: str) -> None:
+    """Remove index `name` and all its snapshots (IndexNotFoundError if there is none)."""
+    path = index_folder(root, name)
     with index_lock(root, name):
         # Renamed away first: the index disappears at once, never half-deleted under its name.
         doomed = Path(root) / f".deleted-{name}-{secrets.token_hex(3)}"

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ragpt.errors import SoftPromptError
+from ragpt.lm.repetition import RepetitionGuard
 from ragpt.softprompts.deep import decoder_layers, deep_prompt_inputs, input_slice, prompt_tokens
 
 
@@ -72,7 +73,7 @@ class DecodeState:
 class GenerationResult:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (end token) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (end token), "length" (max_new_tokens) or "repetition" (ragpt.lm.repetition)
     prompt_tokens: int  # including soft-prompt positions
 
 
@@ -172,7 +173,8 @@ def load_generator(settings) -> Generator:
 
 
 class Generator:
-    def __init__(self, model, tokenizer, *, bf16: bool = False, prefix_cache_size: int = 64):
+    def __init__(self, model, tokenizer, *, bf16: bool = False, prefix_cache_size: int = 64,
+                 stop_repetition: bool = True):
         from ragpt.lm.models import inference_model
 
         # bf16 runs on a bf16 copy of the frozen weights (see models.inference_model for why not
@@ -193,6 +195,11 @@ class Generator:
         self._cache_kw = cache_kwarg(model)
         self.prefix_cache = PrefixCache(prefix_cache_size)
         self._prefix_ok: bool | None = None
+        self.stop_repetition = stop_repetition  # see ragpt.lm.repetition; off only to measure it
+
+    def repetition_guard(self) -> RepetitionGuard | None:
+        """A fresh loop detector for one row, or None when the rule is switched off."""
+        return RepetitionGuard(self.tokenizer) if self.stop_repetition else None
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -452,6 +459,7 @@ class Generator:
         state = self.prefill(rows, soft_prompts, prefix_keys)
         done = torch.zeros(B, dtype=torch.bool)
         produced = [0] * B
+        guards = [self.repetition_guard() for _ in range(B)]
         for _step in range(max(max_new)):
             nxt = self.pick(state.logits, temps_t, gen)
             step: list[int | None] = []
@@ -462,7 +470,8 @@ class Generator:
                 t = int(nxt[i])
                 step.append(t)
                 produced[i] += 1
-                if t in self.stop_ids or produced[i] >= max_new[i]:
+                looping = guards[i] is not None and guards[i].push(t)
+                if t in self.stop_ids or produced[i] >= max_new[i] or looping:
                     done[i] = True
             yield step
             if bool(done.all()):
@@ -504,11 +513,12 @@ class Generator:
             stopped = bool(toks) and toks[-1] in self.stop_ids
             body = toks[:-1] if stopped else toks
             n_soft = prompt_tokens(soft_prompts[i])
+            cap = max_new_tokens if isinstance(max_new_tokens, int) else max_new_tokens[i]
             results.append(
                 GenerationResult(
                     token_ids=toks,
                     text=self.tokenizer.decode(body, skip_special_tokens=True).strip(),
-                    finish_reason="stop" if stopped else "length",
+                    finish_reason="stop" if stopped else "length" if len(toks) >= cap else "repetition",
                     prompt_tokens=len(rows[i]) + n_soft,
                 )
             )

@@ -91,7 +91,8 @@ class Answer:
     citations: list[Citation]  # the passages that were in the prompt, in rank order
     department: str
     prompt_version: str | None = None
-    finish_reason: str = "stop"
+    finish_reason: str = "stop"  # OpenAI's: "stop" (end token or a loop stopped, see stopped_by) or "length"
+    stopped_by: str | None = None  # "end_token", "repetition" (ragpt.lm.repetition), None at the length limit
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     contract: dict = field(default_factory=dict)  # the input contract this answer was built with
@@ -267,13 +268,16 @@ class RowDecoder:
         self.timings: dict[str, float] = {}  # a scheduler's own (queue time); the answer reports them
         self._t0 = time.perf_counter()
         self._text = Detokenizer(generator.tokenizer, generator.stop_ids) if stream else None
+        self._guard = generator.repetition_guard()
+        self.looped = False
 
     def push(self, token: int) -> str:
         """Add the row's next token; returns the new text piece (always "" unless streaming)."""
         if not self.tokens:
             self.timings["first_token_s"] = round(time.perf_counter() - self._t0, 4)
         self.tokens.append(token)
-        if token in self.stop_ids or len(self.tokens) >= self.prepared.max_new_tokens:
+        self.looped = self._guard is not None and token not in self.stop_ids and self._guard.push(token)
+        if token in self.stop_ids or len(self.tokens) >= self.prepared.max_new_tokens or self.looped:
             self.done = True
         return self._text.push(token) if self._text is not None else ""
 
@@ -290,7 +294,8 @@ class RowDecoder:
         return Answer(
             text=self.tokenizer.decode(body, skip_special_tokens=True).strip(),
             citations=p.citations, department=p.department, prompt_version=p.prompt_version,
-            finish_reason="stop" if stopped else "length",
+            finish_reason="stop" if stopped or self.looped else "length",
+            stopped_by="end_token" if stopped else "repetition" if self.looped else None,
             usage={"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
             timings={"prepare_s": p.prepare_s, "generate_s": round(time.perf_counter() - self._t0, 4),
                      **self.timings, **timings},

@@ -381,7 +381,8 @@ def score_method(method: Method, prepared: list[Prepared], department: str, cfg:
             rows.append({
                 "qid": f"{department}#{i + j}", "department": department, "method": method.name,
                 "id": p.qa.id, "doc_id": p.qa.doc_id, "question": p.qa.question, "answers": p.qa.answers,
-                "prediction": r.text, "finish_reason": r.finish_reason,
+                "prediction": r.text, "finish_reason": r.finish_reason, "stopped_by": r.stopped_by,
+                "completion_tokens": r.usage.get("completion_tokens"),
                 "citations": [{"source": c.source, "chunk": c.chunk} for c in r.citations],
                 "em": best_over(exact_match, r.text, p.qa.answers),
                 "f1": round(best_over(token_f1, r.text, p.qa.answers), 6),
@@ -413,6 +414,7 @@ def summarise_method(rows: list[dict], baseline: list[dict] | None, cfg: EvalCon
         }
     out["empty_answers"] = sum(not r["prediction"].strip() for r in rows)
     out["cut_at_max_tokens"] = sum(r["finish_reason"] == "length" for r in rows)
+    out["stopped_looping"] = sum(r.get("stopped_by") == "repetition" for r in rows)
     lat = [r["latency_ms"] for r in rows]
     out["latency_ms"] = {"p50": _round(percentile(lat, 50)), "p95": _round(percentile(lat, 95)),
                          "per": f"generate call of up to {cfg.batch_size} question(s)"}

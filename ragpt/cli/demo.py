@@ -41,6 +41,7 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
         out(f"[ingest] {dept}: {len(rep.added)} added, {len(rep.replaced)} replaced, "
             f"{len(rep.unchanged)} unchanged, {rep.chunks_embedded} chunks embedded "
             f"({rep.chunks_per_second:.0f} chunks/s)")
+        _report_problems(dept, rep, out)
 
     pipe = Pipeline(DocumentIndex.open(settings.index_dir, index), settings, embedder=embedder)
     stats = {"questions": 0, "source_in_top_k": 0, "answer_seconds": 0.0}
@@ -70,6 +71,11 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
         "release it with `ragpt prompts approve/activate`, serve with `ragpt serve --config service.toml` "
         "(see README).")
     return stats
+
+
+def _report_problems(dept: str, rep, out) -> None:
+    for source, reason in rep.problems:
+        out(f"[ingest] {dept}: not ingested {source}: {reason}")
 
 
 def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None = None,
@@ -104,6 +110,7 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
                      chunk_tokens=settings.chunk_tokens, chunk_overlap=settings.chunk_overlap,
                      batch_size=settings.embed_batch_size, progress=progress)
         out(f"[ingest] {d}: {len(rep.added)} added, {len(rep.unchanged)} unchanged")
+        _report_problems(d, rep, out)
 
     # Each prompt is served with its own input contract (the inputs it was trained on).
     pipe = Pipeline(DocumentIndex.open(settings.index_dir, SHIPPED_INDEX), settings, embedder=embedder)

@@ -154,6 +154,7 @@ def sample_index(real_settings, real_embedder):
     for dept in SAMPLE_DEPARTMENTS:
         ingest(
             real_settings.index_dir, name, [department_dir(dept)], [dept], real_embedder,
+            source_root=department_dir(dept).parent,  # sources keep the department folder: "hr/vacation-policy.txt"
             chunk_tokens=real_settings.chunk_tokens, chunk_overlap=real_settings.chunk_overlap,
             batch_size=real_settings.embed_batch_size, progress=False,
         )

@@ -186,6 +186,16 @@ def test_an_old_index_with_absolute_paths_serves_them_root_relative_and_migrates
     assert _ingest(root, [folder["hr"]], ["hr"], real_embedder).unchanged == ["vacation.md"]
 
 
+def test_old_absolute_paths_from_unrelated_trees_show_at_most_their_last_components(built, real_embedder):
+    root, _docs = built
+    trees = {"hr": "/home/alice/private/hr-docs", "it": "/srv/it"}  # common folder: "/"
+    _make_old_format(root, lambda source, depts: f"{trees[depts[0]]}/{source}")
+    idx = DocumentIndex.open(root, NAME)
+    shown = sorted(e["source"] for e in idx.documents.values())
+    assert shown == ["private/hr-docs/vacation.md", "srv/it/passwords.txt"]
+    assert not any("alice" in c.source or c.source.startswith("/") for c in idx.chunks.values())
+
+
 def test_an_old_index_with_cwd_relative_paths_migrates_from_any_directory(built, real_embedder, monkeypatch):
     root, docs = built
     _make_old_format(root, lambda source, depts: f"docs/{depts[0]}/{source}")  # ingested from tmp_path

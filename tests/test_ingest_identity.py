@@ -76,7 +76,8 @@ def test_explicit_root_and_a_file_named_directly(root, docs, real_embedder, tmp_
     rep = _ingest(root, [docs / "procurement" / "tender-procedure.md"], ["procurement"], real_embedder)
     assert rep.added == ["tender-procedure.md"]  # a file named directly: relative to its folder
     rep = _ingest(root, [docs / "procurement"], ["procurement"], real_embedder, source_root=docs)
-    assert sorted(rep.added) == ["procurement/audits/suppliers.txt", "procurement/tender-procedure.md"]
+    # The same file under another root is the same document, renamed; the other file is new.
+    assert rep.added == ["procurement/audits/suppliers.txt"] and rep.migrated == ["procurement/tender-procedure.md"]
     with pytest.raises(DocumentError, match="not inside the root"):
         _ingest(root, [docs / "hr" / "policy.md"], ["hr"], real_embedder, source_root=docs / "it")
 
@@ -142,6 +143,43 @@ def test_same_named_files_of_two_departments_both_survive(root, docs, real_embed
     assert idx.manifest["n_documents"] == 2
     texts = {d: " ".join(c.text for c in idx.chunks.values() if d in c.departments) for d in ("hr", "it")}
     assert "two days a week" in texts["hr"] and "three minutes" in texts["it"] and "five" not in texts["it"]
+
+
+def test_reingest_with_another_root_renames_instead_of_duplicating(root, docs, real_embedder):
+    first = _ingest(root, [docs / "procurement"], ["procurement"], real_embedder)
+    n_chunks = DocumentIndex.open(root, NAME).faiss.ntotal
+    rep = _ingest(root, [docs / "procurement"], ["procurement"], real_embedder, source_root=docs)
+    assert rep.added == rep.replaced == [] and rep.chunks_embedded == 0
+    assert sorted(rep.migrated) == ["procurement/" + s for s in sorted(first.added)]
+    idx = DocumentIndex.open(root, NAME)
+    assert idx.manifest["n_documents"] == 2 and idx.faiss.ntotal == n_chunks
+    assert {c.source for c in idx.chunks.values()} == {"procurement/tender-procedure.md",
+                                                     "procurement/audits/suppliers.txt"}
+    hits = Retriever(idx, real_embedder).search("public tender threshold", "procurement", k=4)
+    assert len({(h.chunk.source, h.chunk.chunk) for h in hits}) == len(hits)  # no duplicate in the top-k
+
+
+def test_another_file_cannot_take_a_shared_documents_place_for_one_department(root, docs, real_embedder):
+    _ingest(root, [docs / "hr"], ["hr", "it"], real_embedder)  # hr's policy.md, shared with it
+    before = _state(root)
+    with pytest.raises(RagptError, match=r"from another file, read by hr, it; .* would replace it for hr too"):
+        _ingest(root, [docs / "it"], ["it"], real_embedder)  # it's own policy.md, same source
+    assert _state(root) == before
+    hits = Retriever(DocumentIndex.open(root, NAME), real_embedder).search("policy", "hr", k=3)
+    assert hits and all("two days a week" in h.chunk.text for h in hits)
+    rep = _ingest(root, [docs / "it"], ["it"], real_embedder, source_root=docs)  # a path of its own: fine
+    assert rep.added == ["it/policy.md"]
+
+
+def test_delete_by_a_path_to_another_file_of_the_same_name_removes_nothing(root, docs, real_embedder, tmp_path):
+    _ingest(root, [docs / "hr"], ["hr"], real_embedder)
+    before = _state(root)
+    other = write(tmp_path / "elsewhere" / "hr" / "policy.md", "not the ingested file")
+    for given in (other, tmp_path / "gone" / "policy.md"):  # an existing file, and one that is not there
+        with pytest.raises(RagptError, match="is not in index"):
+            delete_documents(root, NAME, [str(given)])
+    assert _state(root) == before
+    assert delete_documents(root, NAME, [str(docs / "hr" / "policy.md")]).deleted == ["policy.md"]
 
 
 def test_the_same_file_for_other_departments_is_relabelled(root, docs, real_embedder):

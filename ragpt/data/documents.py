@@ -206,6 +206,9 @@ def _read_pdf(path: Path) -> tuple[str, str | None]:
         except (PdfReadError, PdfStreamError, OSError, ValueError, KeyError, TypeError) as e:
             hint = f"; pypdf: {messages[0]}" if messages else ""
             raise UnreadableDocumentError(path, f"parse error: not a readable PDF ({e}){hint}") from e
+        except Exception as e:  # noqa: BLE001 - pypdf raises many kinds on damaged or encrypted files
+            kind = "encrypted" if e.__class__.__name__ == "DependencyError" else "parse error"
+            raise UnreadableDocumentError(path, f"{kind}: pypdf could not read it ({e.__class__.__name__})") from e
     if not pages:
         raise UnreadableDocumentError(path, "parse error: the PDF has no pages")
     text = "\n\n".join(p.strip() for p in pages)
@@ -246,7 +249,10 @@ def read_document(path: Path, source: str | None = None) -> Document:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise UnreadableDocumentError(path, _unsupported(suffix), kind="skipped")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # permissions, a file removed or locked meanwhile: that file, not the ingest
+        raise UnreadableDocumentError(path, f"cannot be read ({e.strerror or e.__class__.__name__})") from e
     sha = hashlib.sha256(raw).hexdigest()
     title: str | None = None
     if suffix == ".pdf":

@@ -126,12 +126,28 @@ def match_document(index: DocumentIndex, doc: Document, departments: list[str], 
             f"{len(overlap)} documents: {_describe(index, overlap)}. Ingest it for one of those departments, "
             f"or delete one first (`ragpt ingest -i {index.name} --delete {doc.source} -d DEPT`)"
         )
-    if overlap:
-        return overlap[0]
     origin = origin_of(doc.path)
+    if overlap:
+        entry = docs[overlap[0]]
+        others = sorted(set(entry["departments"]) - set(departments))
+        if entry.get("origin") not in (None, origin) and others:
+            # Another file under the same name: taking the stored document's place would change
+            # what those other departments read.
+            raise RagptError(
+                f"{doc.source} is stored in index {index.name!r} from another file, read by "
+                f"{', '.join(entry['departments'])}; ingesting this one for {', '.join(departments)} would "
+                f"replace it for {', '.join(others)} too. Give it a path of its own (--root), or ingest it "
+                f"for {', '.join(entry['departments'])}"
+            )
+        return overlap[0]
     same_file = [k for k in cands if docs[k].get("origin") == origin]
     if len(same_file) == 1:
         return same_file[0]
+    # The same file ingested with another root: the same document under a new source.
+    moved = [k for k, e in docs.items() if k not in claimed and e.get("origin") == origin
+             and set(e["departments"]) & set(departments)]
+    if len(moved) == 1:
+        return moved[0]
     same_bytes = [k for k in cands if "origin" not in docs[k] and docs[k]["sha256"] == doc.sha256]
     return same_bytes[0] if len(same_bytes) == 1 else None
 
@@ -239,7 +255,7 @@ def _plan(index: DocumentIndex, docs: list[Document], departments: list[str],
             report.replaced.append(doc.source)
             to_embed.append((doc, key))
             continue
-        migrated = "legacy_path" in entry
+        migrated = "legacy_path" in entry or entry["source"] != doc.source  # old entry, or another root
         if migrated:
             key = _migrate(index, key, doc)
             report.migrated.append(doc.source)
@@ -252,7 +268,8 @@ def _plan(index: DocumentIndex, docs: list[Document], departments: list[str],
 
 
 def _migrate(index: DocumentIndex, key: str, doc: Document) -> str:
-    """Rekey an old entry to the document's relative source (its chunks are kept as they are)."""
+    """Rekey an entry to the document's source (an old entry, or the same file ingested with
+    another root); its chunks are kept as they are."""
     new = key if key == doc.source else index.new_key(doc.source)
     index.rekey(key, new, doc.source)
     index.documents[new]["origin"] = origin_of(doc.path)
@@ -306,10 +323,10 @@ def _select(index: DocumentIndex, sources: Sequence[str], departments: list[str]
 
 
 def _by_location(index: DocumentIndex, given: str, departments: list[str]) -> list[str]:
-    """A path to an existing file names exactly the document ingested from that file."""
-    path = Path(given)
-    if not path.is_file():
+    """A path names exactly the document ingested from that file (it need not exist any more)."""
+    if is_glob(given):
         return []
+    path = Path(given)
     origin, real = origin_of(path), path.resolve().as_posix()
     return [k for k, e in index.documents.items()
             if (e.get("origin") == origin or e.get("legacy_path") == real)

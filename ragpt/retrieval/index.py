@@ -17,7 +17,8 @@ there first; every chunk names its document's key in `doc`.
 Old indexes (format 1) keyed documents by the path as ingested: relative to the ingesting
 process's working directory, or absolute. They open and serve as they are, upgraded in memory:
 an absolute path is shown relative to the deepest folder common to the index's absolute paths
-(one document: its parent folder), a relative one as it was stored; the stored path is kept as
+(one document: its parent folder), and at most its last LEGACY_DISPLAY_PARTS components; a
+relative one as it was stored. The stored path is kept as
 `legacy_path` so the next ingest of the same file recognises it and rekeys the document to its
 root-relative source ("migrated", nothing re-embedded). The next save writes format 2.
 """
@@ -52,6 +53,7 @@ from ragpt.names import check_name
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: documents keyed by the path as ingested (see the module docstring)
+LEGACY_DISPLAY_PARTS = 3  # components of an old absolute path shown in citations (folder/folder/file)
 FILTER_FIELDS = ("source", "title", "doc_sha256")
 _SNAPSHOT_NAME = re.compile(r"snap-[A-Za-z0-9_-]+")
 _MANIFEST_KEYS = {"format": int, "embedder": dict, "documents": dict, "files": dict, "next_id": int}
@@ -92,7 +94,7 @@ def _damaged(name: str, what: str) -> IndexCorruptError:
 def _not_found(root: Path, name: str) -> IndexNotFoundError:
     names = sorted(p.parent.name for p in Path(root).glob("*/CURRENT")) if Path(root).is_dir() else []
     return IndexNotFoundError(
-        f"index {name!r} not found in {root}; existing: {', '.join(names) or '(none)'}. "
+        f"index {name!r} not found in the index_dir setting's folder; existing: {', '.join(names) or '(none)'}. "
         "Create it with `ragpt ingest --index NAME --department D PATH`"
     )
 
@@ -187,17 +189,19 @@ class DocumentIndex:
     def find_documents(self, pattern: str, departments: Iterable[str] | None = None) -> list[str]:
         """Keys of the documents `pattern` names, readable by one of `departments` when given.
 
-        A glob matches sources as `source_matches_pattern` says; a plain path also matches when it
-        is longer than the source (a path to the file as given to ingest: "docs/hr/policy.md"
-        names "policy.md"). An old document also matches by the path it was stored under."""
+        A pattern matches sources as `source_matches_pattern` says (the source or its trailing
+        components, or a glob). An old document also matches by the path it was stored under,
+        or by a longer path ending in it. (A path to the file itself is matched by location, in
+        ragpt.data.ingest, not by name: a longer path ending in "policy.md" may be another file.)"""
         wanted = set(departments or ())
         plain = not is_glob(pattern)
         out = []
         for key, entry in self.documents.items():
             if wanted and not wanted & set(entry["departments"]):
                 continue
-            names = [entry["source"]] + ([entry["legacy_path"]] if entry.get("legacy_path") else [])
-            if any(source_matches_pattern(n, pattern) or (plain and source_matches(pattern, n)) for n in names):
+            legacy = entry.get("legacy_path")
+            if source_matches_pattern(entry["source"], pattern) or (legacy and (
+                    source_matches_pattern(legacy, pattern) or (plain and source_matches(pattern, legacy)))):
                 out.append(key)
         return out
 
@@ -462,8 +466,18 @@ def _is_absolute(p: str) -> bool:
 def _legacy_display(paths: list[str]) -> dict[str, str]:
     """Old stored path -> the source shown for it (see the module docstring)."""
     absolute = [p for p in paths if _is_absolute(p)]
-    base = posixpath.commonpath([posixpath.dirname(p) for p in absolute]) if absolute else ""
-    return {p: posixpath.relpath(p, base) if p in absolute else p for p in paths}
+    try:
+        base = posixpath.commonpath([posixpath.dirname(p) for p in absolute]) if absolute else ""
+    except ValueError:  # mixed kinds of absolute path (drive letters and /): no common folder
+        base = ""
+
+    def shown(p: str) -> str:
+        rel = posixpath.relpath(p, base) if base else p.lstrip("/")
+        # At most the last LEGACY_DISPLAY_PARTS components: a shallow common folder ("/") must not
+        # turn the rest of a server path (home folders, user names) into a citation.
+        return "/".join(rel.split("/")[-LEGACY_DISPLAY_PARTS:])
+
+    return {p: shown(p) if p in absolute else p for p in paths}
 
 
 def _upgrade_format_1(manifest: dict, chunks: list[StoredChunk]) -> None:

@@ -31,6 +31,10 @@ CONTRACT_DEFAULTS: dict[str, Any] = {
     "dense": True, "bm25": True, "rrf_k": 60, "query_rule": "turns:4",
 }
 
+# The training recipe `ragpt train` starts from (ragpt.training.trainer.TrainConfig): the best
+# measured on doc2dial, a deep prompt over every layer (depth 0) at lr 1e-2 for 80 steps.
+TRAIN_DEFAULTS: dict[str, Any] = {"depth": 0, "steps": 80, "lr": 1e-2, "dev_fraction": 0.15, "dev_max": 200}
+
 
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

@@ -164,12 +164,12 @@ def test_ingest_then_ask_json_and_retrieve(tmp_path):
     assert len(info["documents"]) == 2
 
 
-def test_train_refuses_a_depth_below_one_naming_it(tmp_path):
+def test_train_refuses_a_negative_depth_naming_it(tmp_path):
     (tmp_path / "qa.jsonl").write_text('{"question": "q?", "answers": ["a"]}\n')
     res = _run("--index-dir", str(tmp_path / "idx"), "train", "-d", "hr", "--data", str(tmp_path / "qa.jsonl"),
-               "--depth", "0")
+               "--depth", "-1")
     assert res.exit_code == 2
-    assert "Invalid value for '--depth'" in res.output and "greater than or equal to 1" in res.output
+    assert "Invalid value for '--depth'" in res.output and "greater than or equal to 0" in res.output
     assert not (tmp_path / "idx").exists()
 
 

@@ -13,7 +13,7 @@ from ragpt.data.documents import source_matches
 from ragpt.data.ingest import ingest
 from ragpt.data.qa import load_qa
 from ragpt.data.sample import SAMPLE_DEPARTMENTS, SAMPLE_DIR, department_dir, sample_questions
-from ragpt.evaluation.metrics import best_over, token_f1
+from ragpt.evaluation.metrics import best_over, exact_match, token_f1
 from ragpt.lm.models import load_embedder
 from ragpt.retrieval.index import DocumentIndex
 from ragpt.serving.pipeline import Pipeline
@@ -44,33 +44,92 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
         _report_problems(dept, rep, out)
 
     pipe = Pipeline(DocumentIndex.open(settings.index_dir, index), settings, embedder=embedder)
-    stats = {"questions": 0, "source_in_top_k": 0, "answer_seconds": 0.0}
+    registry = PromptRegistry(settings.prompt_dir)
+    known = set(registry.departments())
+    stats: dict = {"questions": 0, "source_in_top_k": 0, "answer_seconds": 0.0, "departments": {}}
     for dept in SAMPLE_DEPARTMENTS:
         qs = sample_questions(dept)[:limit]
-        out(f"\n=== {dept}: {len(qs)} questions ===")
-        for i in range(0, len(qs), BATCH):
-            batch = qs[i:i + BATCH]
-            t0 = time.perf_counter()
-            answers = pipe.ask_many([ChatRequest(q.question, dept) for q in batch])
-            stats["answer_seconds"] += time.perf_counter() - t0
-            for q, a in zip(batch, answers):
-                hit = any(source_matches(c.source, q.source) for c in a.citations)
-                stats["questions"] += 1
-                stats["source_in_top_k"] += hit
-                out(f"\nQ: {q.question}\nA: {a.text}")
-                for n, c in enumerate(a.citations, start=1):
-                    mark = "*" if source_matches(c.source, q.source) else " "
-                    out(f"  {mark}[{n}] {c.source} #chunk {c.chunk} (score {c.score:.4f})")
-                out(f"  expected: {q.answers[0]!r} from {q.source}")
+        version = registry.active_version(dept) if dept in known else None
+        out(f"\n=== {dept}: {len(qs)} questions, " + (f"soft prompt {version} and no prompt ===" if version
+                                                      else "no soft prompt ==="))
+        t0 = time.perf_counter()
+        rows = compare_with_and_without(pipe, dept, [(q.question, q.answers) for q in qs], version)
+        stats["answer_seconds"] += time.perf_counter() - t0
+        for q, (tuned, plain) in zip(qs, rows):
+            shown = tuned or plain
+            hit = any(source_matches(c.source, q.source) for c in shown.citations)
+            stats["questions"] += 1
+            stats["source_in_top_k"] += hit
+            out(_qa_block(q.question, q.answers, version, tuned, plain))
+            for n, c in enumerate(shown.citations, start=1):
+                mark = "*" if source_matches(c.source, q.source) else " "
+                out(f"  {mark}[{n}] {c.source} #chunk {c.chunk} (score {c.score:.4f})")
+            out(f"  from {q.source}")
+        stats["departments"][dept] = summary = summarise(dept, [(q.answers, t, p) for q, (t, p) in zip(qs, rows)],
+                                                         version)
+        out(f"\n{describe(dept, summary)}")
     n = max(stats["questions"], 1)
     out(f"\n{stats['questions']} questions; gold source in top-{settings.k}: "
         f"{stats['source_in_top_k']}/{stats['questions']} ({100 * stats['source_in_top_k'] / n:.0f}%); "
-        f"{stats['answer_seconds'] / n:.2f}s per answer (batches of {BATCH})")
+        f"{stats['answer_seconds'] / n:.2f}s per question (batches of {BATCH}, with and without the prompt)")
+    for dept, summary in stats["departments"].items():
+        out(describe(dept, summary))
     stats["shipped"] = serve_shipped_departments(settings, embedder, limit=limit, progress=progress, out=out)
     out(f"\nNext: `ragpt ask -i {index} -d hr \"...\"`, train a department prompt with `ragpt train`, "
         "release it with `ragpt prompts approve/activate`, serve with `ragpt serve --config service.toml` "
         "(see README).")
     return stats
+
+
+def compare_with_and_without(pipe: Pipeline, dept: str, questions: list[tuple[str, list[str]]],
+                             version: str | None) -> list[tuple]:
+    """(answer with the version, answer without a prompt) per question, in batches; without a
+    version, (None, answer). The no-prompt answers use the version's input contract, so the two
+    differ only by the soft prompt."""
+    contract = pipe.resolve(dept, version)[2] if version else None
+    rows: list[tuple] = []
+    for i in range(0, len(questions), BATCH):
+        part = questions[i:i + BATCH]
+        plain = pipe.ask_many([ChatRequest(q, dept, prompt="none", contract=contract) for q, _ in part])
+        tuned = [None] * len(part)
+        if version:
+            tuned = pipe.ask_many([ChatRequest(q, dept, prompt=version) for q, _ in part])
+        rows += list(zip(tuned, plain))
+    return rows
+
+
+def _qa_block(question: str, answers: list[str], version: str | None, tuned, plain) -> str:
+    lines = [f"\nQ: {question}"]
+    if tuned is not None:
+        lines.append(f"A ({version}): {tuned.text}")
+    lines.append(f"A (no prompt): {plain.text}")
+    scores = f"token-F1 {100 * best_over(token_f1, plain.text, answers):.0f}"
+    if tuned is not None:
+        scores = f"token-F1 {100 * best_over(token_f1, tuned.text, answers):.0f} vs " + scores.split()[-1]
+    lines.append(f"  expected: {answers[0]!r}  {scores}")
+    return "\n".join(lines)
+
+
+def summarise(dept: str, rows: list[tuple[list[str], object, object]], version: str | None) -> dict:
+    """Token-F1 and exact match (%) of the answers with and without the prompt."""
+    n = max(1, len(rows))
+
+    def mean(metric, which: int) -> float:
+        return round(100 * sum(best_over(metric, r[which].text, r[0]) for r in rows) / n, 1)
+
+    out = {"version": version, "questions": len(rows), "f1_no_prompt": mean(token_f1, 2),
+           "em_no_prompt": mean(exact_match, 2)}
+    if version:
+        out.update(f1_soft_prompt=mean(token_f1, 1), em_soft_prompt=mean(exact_match, 1))
+    return out
+
+
+def describe(dept: str, s: dict) -> str:
+    if not s.get("version"):
+        return (f"{dept}: no active soft prompt; token-F1 {s['f1_no_prompt']}, exact match {s['em_no_prompt']} "
+                f"(n={s['questions']})")
+    return (f"{dept}: token-F1 {s['f1_soft_prompt']} with {s['version']} vs {s['f1_no_prompt']} without, exact "
+            f"match {s['em_soft_prompt']} vs {s['em_no_prompt']} (n={s['questions']})")
 
 
 def _report_problems(dept: str, rep, out) -> None:
@@ -118,27 +177,14 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
     for d in shipped:
         version = registry.active_version(d)
         qs = load_qa(imported / SHIPPED_DEPARTMENTS[d] / "qa" / f"{d}.test.jsonl")[: limit or BATCH]
-        # No prompt, built with the same inputs as the prompt it is compared with (a paired comparison).
-        contract = pipe.resolve(d, version)[2] if version else None
-        plain = pipe.ask_many([ChatRequest(q.question, d, prompt="none", contract=contract) for q in qs])
         if version is None:  # released prompts can be pulled (ragpt prompts deactivate): base model only
             out(f"\n=== {d}: no active soft prompt (see `ragpt prompts list -d {d}`), {len(qs)} held-out "
                 "test questions ===")
-            for q, a0 in zip(qs, plain):
-                out(f"\nQ: {q.question}\nA (no prompt): {a0.text}\n  expected: {q.answers[0]!r}")
-            results[d] = {"version": None, "questions": len(qs)}
-            continue
-        tuned = pipe.ask_many([ChatRequest(q.question, d, prompt=version) for q in qs])
-        out(f"\n=== {d}: soft prompt {version}, {len(qs)} held-out test questions ===")
-        f1_plain = f1_tuned = 0.0
-        for q, a0, a1 in zip(qs, plain, tuned):
-            f0, f1 = best_over(token_f1, a0.text, q.answers), best_over(token_f1, a1.text, q.answers)
-            f1_plain, f1_tuned = f1_plain + f0, f1_tuned + f1
-            out(f"\nQ: {q.question}\nA ({version}): {a1.text}\nA (no prompt): {a0.text}\n"
-                f"  expected: {q.answers[0]!r}  token-F1 {100 * f1:.0f} vs {100 * f0:.0f}")
-        n = max(1, len(qs))
-        results[d] = {"version": version, "questions": len(qs), "f1_no_prompt": round(100 * f1_plain / n, 1),
-                      "f1_soft_prompt": round(100 * f1_tuned / n, 1)}
-        out(f"\n{d}: token-F1 {results[d]['f1_soft_prompt']} with {version} vs "
-            f"{results[d]['f1_no_prompt']} without (n={len(qs)}; full evaluation: README)")
+        else:
+            out(f"\n=== {d}: soft prompt {version}, {len(qs)} held-out test questions ===")
+        rows = compare_with_and_without(pipe, d, [(q.question, q.answers) for q in qs], version)
+        for q, (tuned, plain) in zip(qs, rows):
+            out(_qa_block(q.question, q.answers, version, tuned, plain))
+        results[d] = summarise(d, [(q.answers, t, p) for q, (t, p) in zip(qs, rows)], version)
+        out(f"\n{describe(d, results[d])} (full evaluation: README)")
     return results

@@ -15,6 +15,7 @@ from ragpt.cli.common import settings_from_ctx as _settings
 from ragpt.cli.eval import eval_cmd, import_data
 from ragpt.cli.prompts import prompts_app
 from ragpt.cli.serve import serve
+from ragpt.config import TRAIN_DEFAULTS
 from ragpt.errors import RagptError
 
 app = typer.Typer(
@@ -230,16 +231,18 @@ def train(
     data: Annotated[Path, typer.Option(help="QA file: JSONL {question, answers, doc_id?, context?} or SQuAD JSON.")],
     index: Annotated[str, typer.Option("--index", "-i", help="Index the examples retrieve from.")] = "sample",
     dev_data: Annotated[Path | None, typer.Option(help="Dev QA file (default: split --data by document).")] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 120,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = TRAIN_DEFAULTS["steps"],
     batch_size: Annotated[int, typer.Option(help="Examples per step (global).")] = 8,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-2,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 10,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = TRAIN_DEFAULTS["lr"],
+    warmup_steps: Annotated[int | None, typer.Option(
+        help="Linear warm-up steps (default: 10% of --steps).")] = None,
     n_tokens: Annotated[int, typer.Option(help="Soft prompt length (virtual tokens).")] = 20,
     depth: Annotated[int, typer.Option(
-        min=1,
-        help="Decoder layers whose prompt-position inputs are learned: 1 = a plain prompt, "
-             "more = a deep prompt (P-tuning v2 style; the model's layer count for all).")] = 1,
+        min=0,
+        help="Decoder layers whose prompt-position inputs are learned: 0 = every layer (a deep prompt, the "
+             "default: the best measured recipe), 1 = a plain prompt, N = the first N layers.")
+    ] = TRAIN_DEFAULTS["depth"],
     init: Annotated[str, typer.Option(help="Initialisation: text, vocab or random.")] = "text",
     init_text: Annotated[str | None, typer.Option(help="Text for --init text (default: the system prompt).")] = None,
     k: Annotated[int | None, typer.Option("-k", help="Retrieved chunks per example (default: the k setting).")]
@@ -251,8 +254,11 @@ def train(
         help="Prompt token budget (default: the max_context_tokens setting).")] = None,
     eval_every: Annotated[int, typer.Option(help="Dev evaluation every N steps (0: at the end).")] = 20,
     patience: Annotated[int, typer.Option(help="Stop after N evaluations without improvement (0: never).")] = 3,
-    dev_fraction: Annotated[float, typer.Option(help="Share of --data held out as dev (by document).")] = 0.15,
-    dev_max: Annotated[int, typer.Option(help="At most this many dev questions.")] = 48,
+    dev_fraction: Annotated[float, typer.Option(
+        help="Share of --data held out as dev, whole documents (without --dev-data).")
+    ] = TRAIN_DEFAULTS["dev_fraction"],
+    dev_max: Annotated[int, typer.Option(
+        help="At most this many dev questions, spread across documents (seeded).")] = TRAIN_DEFAULTS["dev_max"],
     seed: Annotated[int, typer.Option(help="Random seed (runs are deterministic for a seed).")] = 0,
     checkpoint_dir: Annotated[Path | None, typer.Option(
         help="Checkpoint folder (default: cache_dir/checkpoints/D/<hash of settings, data, index>).")] = None,
@@ -263,7 +269,10 @@ def train(
 ) -> None:
     """Train a department's soft prompt on QA examples whose context comes from the real retriever.
 
-    Runs data-parallel under `torchrun --nproc_per_node=N -m ragpt.cli train ...`.
+    Every dev evaluation is compared with no prompt (paired bootstrap interval); the draft is
+    registered with its release verdict (better / no better / worse), and `prompts approve`
+    refuses a worse one without --force. Runs data-parallel under
+    `torchrun --nproc_per_node=N -m ragpt.cli train ...`.
     """
     from ragpt.training.job import run_training
     from ragpt.training.trainer import TrainConfig

@@ -56,8 +56,11 @@ def _from_record(rec: dict, where: str) -> QAExample:
     if isinstance(answers, list) and answers and isinstance(answers[0], dict):
         answers = [a.get("text", "") for a in answers]
     known = {"question", "id", "doc_id", "department", "context", "history", "system"}
+    fields = {k: v for k, v in rec.items() if k in known}
+    if "doc_id" not in fields and isinstance(rec.get("source"), str):
+        fields["doc_id"] = rec["source"]  # the sample corpus's name for it
     try:
-        return QAExample(answers=answers or [], **{k: v for k, v in rec.items() if k in known})
+        return QAExample(answers=answers or [], **fields)
     except TypeError as e:
         raise RagptError(f"{where}: bad QA record ({e})") from e
 

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ragpt.atomic import atomic_write_json
-from ragpt.config import CONTRACT_DEFAULTS
+from ragpt.config import CONTRACT_DEFAULTS, TRAIN_DEFAULTS
 from ragpt.data.qa import QAExample, examples_sha256, select_dev
 from ragpt.errors import RagptError
 from ragpt.evaluation.metrics import answer_in_text, best_over, exact_match, paired_difference_ci, token_f1
@@ -54,6 +54,7 @@ from ragpt.serving.contract import GOLD_CONTEXT_MODES, InputContract
 from ragpt.serving.conversation import retrieval_query
 from ragpt.serving.request import build_inputs, passages_from_hits, retrieve_many
 from ragpt.softprompts.deep import decoder_layers, deep_from_shallow, deep_prompt_inputs
+from ragpt.training import memory
 from ragpt.training.causal_attention import chunked_causal_attention
 
 INIT_MODES = ("text", "vocab", "random")
@@ -69,13 +70,13 @@ class TrainConfig:
     n_tokens: int = 20
     # 0: a deep prompt over every decoder layer (the measured best recipe); 1: a plain prompt;
     # N: a deep prompt over the first N layers (ragpt.softprompts.deep). resolve() fills in 0.
-    depth: int = 0
+    depth: int = TRAIN_DEFAULTS["depth"]
     init: str = "text"  # text: embeddings of init_text; vocab: sampled token embeddings; random
     init_text: str | None = None  # default: the template's system prompt for the department
-    steps: int = 80
+    steps: int = TRAIN_DEFAULTS["steps"]
     batch_size: int = 8  # examples per optimizer step (global, across processes)
     grad_accum: int = 1  # micro-batches per step: micro-batch = batch_size / grad_accum
-    lr: float = 1e-2
+    lr: float = TRAIN_DEFAULTS["lr"]
     weight_decay: float = 0.0
     warmup_steps: int | None = None  # None: WARMUP_FRACTION of the steps (resolve())
     max_grad_norm: float = 1.0
@@ -88,8 +89,8 @@ class TrainConfig:
     # Put the gold passage in the context: never; when retrieval missed the answer; always.
     gold_context: str = "never"
     max_answer_tokens: int = 64
-    dev_fraction: float = 0.15  # of --data held out as dev (whole documents), or of it taken from --dev-data
-    dev_max: int = 200
+    dev_fraction: float = TRAIN_DEFAULTS["dev_fraction"]  # of --data held out as dev (whole documents)
+    dev_max: int = TRAIN_DEFAULTS["dev_max"]
     # How dev questions are picked: "spread" = seeded, documents taking turns (spread_sample).
     # Prompts trained before it existed took the first dev_max ("first").
     dev_selection: str = "spread"
@@ -516,6 +517,7 @@ def train_prompt(
     """
     cfg.check()
     cfg.resolve(model, log)
+    memory.fix_mmap_threshold()
     rank, world = dist_info()
     main = rank == 0
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -685,6 +687,7 @@ def train_prompt(
                  "adam_step": torch.as_tensor(st["step"], dtype=torch.float32).reshape(()),
                  "step": torch.tensor(step + 1)},
             )
+        memory.trim_heap(step + 1)
         if on_step is not None:
             on_step(step + 1, mean_loss)
         if stopped_early:

@@ -9,6 +9,8 @@ Routes
                                        also the key's departments and why loading failed
     GET  /metrics                      Prometheus text format, to a metrics key only (ragpt_service.metrics);
                                        a 404 unless [metrics] lists a key
+    /chat, /console, /ui/session       the browser pages and their key-for-session exchange (ragpt_service.ui)
+    /admin/v1/...                      the release console's admin API, admin keys only (ragpt_service.admin)
 Both chat routes stream OpenAI-format SSE chunks with `"stream": true`, ending with `data: [DONE]`.
 
 Every error is an OpenAI-style JSON body (ragpt_service.errors) with a 4xx for the client's mistakes.
@@ -47,6 +49,7 @@ from ragpt.lm.generator import Generator
 from ragpt.lm.models import Embedder
 from ragpt.serving.request import Answer
 from ragpt.serving.scheduler import Ticket
+from ragpt_service.admin import install_admin_routes
 from ragpt_service.config import ServiceConfig
 from ragpt_service.errors import (
     ApiError,
@@ -68,6 +71,8 @@ from ragpt_service.schemas import (
     citations_json,
     split_chat,
 )
+from ragpt_service.sessions import COOKIES, session_from_cookie
+from ragpt_service.ui import install_ui_routes
 
 
 @dataclass
@@ -165,6 +170,17 @@ def _check_body(content_type: str | None, raw: bytes) -> None:
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
+def _departments(request: Request, rt: ServiceRuntime) -> frozenset[str]:
+    """What the request may use: its Bearer key's departments, or (no Authorization header) the
+    chat page's session cookie, checked against cross-site use (ragpt_service.sessions)."""
+    authorization = request.headers.get("authorization")
+    if authorization is None and COOKIES["department"] in request.cookies:
+        session = session_from_cookie(request, rt.chat_sessions)
+        if session is not None:
+            return session.departments
+    return rt.keys.departments_for(authorization)
+
+
 class _ServiceRoute(APIRoute):
     """Checks the API key (routes under /v1/) and then the JSON body, before FastAPI parses and
     validates it; an unexpected exception becomes a logged 500 with a request id, in JSON.
@@ -173,15 +189,18 @@ class _ServiceRoute(APIRoute):
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
         needs_key = self.path.startswith("/v1/")
+        needs_admin = self.path.startswith("/admin/")
         is_chat = needs_key and "POST" in (self.methods or ())
 
         async def route(request: Request) -> Response:
             metrics = request.app.state.runtime.metrics
             record = request.state.record = metrics.start() if is_chat else None
             try:
+                rt = request.app.state.runtime
                 if needs_key:
-                    keys = request.app.state.runtime.keys
-                    request.state.allowed = keys.departments_for(request.headers.get("authorization"))
+                    request.state.allowed = _departments(request, rt)
+                if needs_admin:
+                    request.state.actor = rt.admin.actor(request)
                 if request.method in ("POST", "PUT", "PATCH"):
                     # Starlette keeps the bytes for FastAPI, which parses them again.
                     _check_body(request.headers.get("content-type"), await request.body())
@@ -382,8 +401,10 @@ class Readiness(BaseModel):
 
 _WHY = {
     400: "Invalid request: malformed JSON, a wrong type, a value over a limit, an unsupported parameter.",
-    401: "Missing, malformed or unknown API key.",
+    401: "Missing, malformed or unknown API key (or an expired browser session).",
+    403: "A key that may not use this route (a department key on the admin API), or a cross-site request.",
     404: "No such model for this key: unknown or not permitted department, unknown or unapproved version.",
+    409: "A change the soft-prompt life cycle does not allow (e.g. activating a draft, approving a worse one).",
     413: "The request body is over the size limit.",
     422: "`auto` could not tell the department (router.below_threshold = \"refuse\").",
     500: "Internal error; the message names a request id to find in the server log.",
@@ -447,6 +468,8 @@ def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder 
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_request_bytes,
                        on_reject=lambda: runtime.metrics.error("request_too_large"))
     install_error_handlers(app)
+    install_ui_routes(app, _errors)
+    install_admin_routes(app, _errors)
 
     @app.get("/healthz")
     async def healthz() -> dict:

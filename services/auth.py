@@ -38,6 +38,10 @@ class KeyRing:
                 grants.setdefault(d.lower(), set()).add(dept)
         self._grants = {d: frozenset(depts) for d, depts in grants.items()}
 
+    def knows(self, key: str) -> bool:
+        """Whether `key` is some department's key."""
+        return bool(key) and hash_api_key(key) in self._grants
+
     def departments_for(self, authorization: str | None) -> frozenset[str]:
         """Departments the `Authorization` header grants; raises a 401 ApiError if it grants none."""
         if not self.required:

@@ -29,6 +29,9 @@ Example (`serve.toml`; relative paths are relative to this file):
     [metrics]                     # GET /metrics (Prometheus); 404 while no key is listed
     api_keys = ["..."]            # sha256 hex; never a department's key
 
+    [admin.keys]                  # the release console and admin API; the name is the audit actor
+    alice = "..."                 # sha256 hex; never a department's or a metrics key
+
 API keys are stored only as sha256 hex digests: `ragpt_service.auth.hash_api_key("the key")`.
 """
 
@@ -96,6 +99,22 @@ class MetricsConfig(_Strict):
         return self.enabled and bool(self.api_keys)
 
 
+class AdminConfig(_Strict):
+    """The release console (/console) and the admin API (/admin/v1/...): keys by admin name, the
+    name recorded as the actor of every change. No key listed: both answer 401 to everyone."""
+
+    keys: dict[str, str] = Field(default_factory=dict)  # name -> sha256 hex digest of the key
+    session_hours: float = Field(8.0, gt=0, le=24 * 7)  # a browser session's idle lifetime
+
+    @field_validator("keys")
+    @classmethod
+    def _named_and_hashed(cls, keys: dict[str, str]) -> dict[str, str]:
+        for name in keys:
+            if not NAME_RE.match(name):
+                raise ValueError(f"invalid admin name {name!r} (letters, digits, '_', '-', '.')")
+        return dict(zip(keys, _hashed_keys(list(keys.values()))))
+
+
 class RouterConfig(_Strict):
     enabled: bool = True
     method: Literal["nearest", "centroid"] = "nearest"
@@ -143,6 +162,7 @@ class ServiceConfig(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
     @model_validator(mode="after")
     def _check(self) -> ServiceConfig:
@@ -151,6 +171,10 @@ class ServiceConfig(_Strict):
         shared = set(self.metrics.api_keys) & {k for d in self.departments.values() for k in d.api_keys}
         if shared:
             raise ValueError("a metrics key must not also be a department's key: give /metrics keys of its own")
+        admin = set(self.admin.keys.values())
+        if admin & ({k for d in self.departments.values() for k in d.api_keys} | set(self.metrics.api_keys)):
+            raise ValueError("an admin key must not also be a department's or a metrics key: give admins keys of "
+                             "their own")
         for name, dept in self.departments.items():
             if not NAME_RE.match(name) or name in RESERVED_MODELS:
                 raise ValueError(f"invalid department name {name!r} (letters, digits, '_', '-', '.'; not 'auto')")

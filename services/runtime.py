@@ -20,12 +20,14 @@ from ragpt.retrieval.router import DepartmentRouter, chunk_vectors
 from ragpt.serving.pipeline import Pipeline
 from ragpt.serving.request import ChatRequest, Turn
 from ragpt.serving.scheduler import BatcherStopped, ChatJob, ContinuousBatcher, MicroBatcher, Overloaded, Ticket
-from ragpt.softprompts.registry import UnknownPromptDepartmentError
+from ragpt.softprompts.registry import PromptRegistry, UnknownPromptDepartmentError
+from ragpt_service.admin import AdminAuth
 from ragpt_service.admission import Estimate, Live, ServiceRate, estimate, full_queue_retry_after_s, retry_after_s
 from ragpt_service.auth import KeyRing
 from ragpt_service.config import ServiceConfig
 from ragpt_service.errors import ApiError, quote
 from ragpt_service.metrics import ServiceMetrics
+from ragpt_service.sessions import SessionTable
 
 log = logging.getLogger("ragpt.service")
 
@@ -83,6 +85,9 @@ class ServiceRuntime:
         self.rate = ServiceRate()  # measured from finished answers; admission uses it
         self._live: dict[Ticket, Live] = {}  # submitted and not yet released by its route
         self.metrics = ServiceMetrics(self)
+        self.chat_sessions = SessionTable("department", config.admin.session_hours * 3600)
+        self.admin = AdminAuth(config.admin, self.keys)
+        self.admin_registry = PromptRegistry(self.settings.prompt_dir)  # the console's changes go here
 
     # -------------------------------------------------------------- lifecycle
     def load(self) -> None:

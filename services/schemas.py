@@ -151,4 +151,5 @@ def check_generation_limits(max_tokens: int | None, k: object, limits: LimitsCon
 
 def citations_json(answer_or_citations) -> list[dict]:
     cites = answer_or_citations.citations if isinstance(answer_or_citations, Answer) else answer_or_citations
-    return [{"source": c.source, "title": c.title, "chunk": c.chunk, "score": c.score} for c in cites]
+    return [{"source": c.source, "title": c.title, "chunk": c.chunk, "score": c.score, "snippet": c.snippet}
+            for c in cites]

@@ -70,6 +70,9 @@ class ChatRequest:
     contract: InputContract | None = None
 
 
+SNIPPET_CHARS = 240
+
+
 @dataclass
 class Citation:
     source: str
@@ -78,11 +81,13 @@ class Citation:
     score: float
     start: int
     end: int
+    snippet: str = ""  # the passage's first SNIPPET_CHARS characters, for showing under an answer
 
     @classmethod
     def from_hit(cls, hit: RetrievedChunk) -> Citation:
         c = hit.chunk
-        return cls(source=c.source, title=c.title, chunk=c.chunk, score=round(hit.score, 6), start=c.start, end=c.end)
+        return cls(source=c.source, title=c.title, chunk=c.chunk, score=round(hit.score, 6), start=c.start, end=c.end,
+                   snippet=c.text[:SNIPPET_CHARS])
 
 
 @dataclass

@@ -25,9 +25,8 @@ BATCH = 8  # questions of one department answered in one batched generation
 SHIPPED_DEPARTMENTS = {"dmv": "doc2dial", "ssa": "doc2dial", "va": "doc2dial", "studentaid": "doc2dial",
                        "legal": "policyqa"}
 SHIPPED_INDEX = "shared"  # the index the shipped prompts were trained against
-# Sample sources are relative to the folder holding the ragpt package ("ragpt/data/sample_corpus/hr/..."):
-# wherever ragpt is installed, and the same as an index built from a checkout's root before sources
-# were root-relative, so such an index is matched, not duplicated.
+# Sample sources are relative to the folder holding the ragpt package ("ragpt/data/sample_corpus/hr/..."),
+# wherever ragpt is installed: the same names as `ragpt ingest --root .` from a checkout gives them.
 SAMPLE_ROOT = SAMPLE_DIR.parents[2]
 
 

@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-index_app = typer.Typer(help="Inspect indexes.", no_args_is_help=True)
+index_app = typer.Typer(help="List, inspect and delete indexes.", no_args_is_help=True)
 models_app = typer.Typer(help="Prepare and inspect the generator and embedder.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
@@ -115,12 +115,13 @@ def ingest(
         f"({rep.chunks_per_second:.0f} chunks/s); total {rep.seconds:.1f}s"
     )
     if rep.problems:
-        typer.echo(f"{len(rep.skipped)} skipped, {len(rep.failed)} failed (listed above)", err=True)
+        typer.echo(f"{len(rep.skipped)} skipped, {len(rep.failed)} failed (each listed on stderr)", err=True)
         raise typer.Exit(code=1)
 
 
 def _echo_delete(index: str, rep) -> None:
-    typer.echo(f"deleted {len(rep.deleted)} document(s) from {index}: {', '.join(rep.deleted)}")
+    if rep.deleted:
+        typer.echo(f"deleted {len(rep.deleted)} document(s) from {index}: {', '.join(rep.deleted)}")
     if rep.relabelled:
         typer.echo(f"kept {len(rep.relabelled)} document(s) for their other departments: {', '.join(rep.relabelled)}")
 

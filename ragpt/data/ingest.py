@@ -285,6 +285,7 @@ def delete_documents(root: Path, name: str, sources: Sequence[str],
     relabelled). A plain path that names several documents, or a name that matches none, is an
     error and nothing is removed."""
     root = Path(root)
+    check_name("index", name)  # before the lock file beside the index is created
     report = IngestReport(index=name)
     depts = sorted({check_name("department", d) for d in departments or ()})
     if not sources:

@@ -34,7 +34,7 @@ def _bm25_tokenize(texts: list[str]) -> list[list[str]]:
 
 
 class _Bm25:
-    """BM25 over the index's chunks, rebuilt when the index changes (it is fast: ~ms per 1k chunks)."""
+    """BM25 over the index's chunks, rebuilt when the index changes (cheap next to embedding them)."""
 
     def __init__(self, index: DocumentIndex):
         self.version = index._version

@@ -114,6 +114,40 @@ def _rechecksum(snap: Path) -> None:
     (snap / "manifest.json").write_text(json.dumps(m))
 
 
+def test_chunk_ids_that_are_not_the_vectors_ids_are_a_clear_error(built):
+    root, _ = built
+    snap = _snap(root)
+    lines = [json.loads(x) for x in (snap / "chunks.jsonl").read_text().splitlines()]
+    lines[0]["id"] = 10_000  # as many chunks as vectors, but one no vector has
+    (snap / "chunks.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _rechecksum(snap)
+    with pytest.raises(IndexCorruptError, match="ids differ"):
+        DocumentIndex.open(root, NAME)
+
+
+def test_a_reader_whose_snapshot_is_replaced_twice_while_it_reads_opens_the_new_one(built, real_embedder,
+                                                                                        monkeypatch):
+    root, docs = built
+    first = _snap(root).name
+    real = DocumentIndex._open_snapshot.__func__
+    calls = []
+
+    def racing(cls, root_, name, path, snap_id):
+        calls.append(snap_id)
+        if len(calls) == 1:  # two saves land between this reader's CURRENT read and its hashing
+            write(docs / "hr" / "extra.md", "Extra\n\nA second hr document.")
+            _ingest(root, [docs / "hr"], ["hr"], real_embedder)
+            (docs / "hr" / "extra.md").unlink()
+            write(docs / "hr" / "extra2.md", "Extra two\n\nA third hr document.")
+            _ingest(root, [docs / "hr"], ["hr"], real_embedder)
+        return real(cls, root_, name, path, snap_id)
+
+    monkeypatch.setattr(DocumentIndex, "_open_snapshot", classmethod(racing))
+    idx = DocumentIndex.open(root, NAME)
+    assert calls[0] == first and not (root / NAME / first).exists()  # pruned under the reader
+    assert idx.snapshot_id == calls[-1] != first and idx.manifest["n_documents"] == 4
+
+
 def test_leftovers_of_a_killed_save_are_removed_by_the_next_save(built, real_embedder, tmp_path):
     root, docs = built
     folder = root / NAME

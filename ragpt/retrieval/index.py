@@ -53,6 +53,7 @@ from ragpt.names import check_name
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: documents keyed by the path as ingested (see the module docstring)
+OPEN_ATTEMPTS = 3  # reads of CURRENT when saves replace the snapshot during an open
 LEGACY_DISPLAY_PARTS = 3  # components of an old absolute path shown in citations (folder/folder/file)
 FILTER_FIELDS = ("source", "title", "doc_sha256")
 _SNAPSHOT_NAME = re.compile(r"snap-[A-Za-z0-9_-]+")
@@ -89,6 +90,14 @@ def _damaged(name: str, what: str) -> IndexCorruptError:
         f"index {name!r}: {what}; the index is damaged: re-ingest its documents "
         f"(`ragpt index delete {name} --yes`, then `ragpt ingest -i {name} -d DEPT PATH`)"
     )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _not_found(root: Path, name: str) -> IndexNotFoundError:
@@ -291,9 +300,21 @@ class DocumentIndex:
         for anything that is not what save() writes."""
         check_name("index", name)
         path = Path(root) / name
-        if not (path / "CURRENT").is_file():
-            raise _not_found(root, name)
-        snap_id = _read_current(path, name)
+        for _attempt in range(OPEN_ATTEMPTS):
+            if not (path / "CURRENT").is_file():
+                raise _not_found(root, name)
+            snap_id = _read_current(path, name)
+            try:
+                return cls._open_snapshot(root, name, path, snap_id)
+            except IndexCorruptError:
+                # Two saves while this reader was hashing can prune the snapshot it started on:
+                # then CURRENT names a newer one, which is read instead. Damage stays damage.
+                if not (path / "CURRENT").is_file() or _read_current(path, name) == snap_id:
+                    raise
+        raise _damaged(name, f"the live snapshot changed {OPEN_ATTEMPTS} times while it was being read")
+
+    @classmethod
+    def _open_snapshot(cls, root: Path, name: str, path: Path, snap_id: str) -> DocumentIndex:
         manifest = _read_manifest(path, snap_id, name)
         snap = path / snap_id
         for fname, want in manifest["files"].items():
@@ -310,6 +331,9 @@ class DocumentIndex:
             raise _damaged(name, f"{snap_id}/dense.faiss is not a FAISS index") from None
         if index.ntotal != len(chunks):
             raise _damaged(name, f"{index.ntotal} vectors but {len(chunks)} chunks in {snap_id}")
+        ids = set(faiss.vector_to_array(index.id_map).tolist()) if hasattr(index, "id_map") else None
+        if ids is not None and ids != {c.id for c in chunks}:
+            raise _damaged(name, f"the vectors' ids and the chunks' ids differ in {snap_id}")
         _upgrade_format_1(manifest, chunks)
         return cls(root, name, manifest, index, chunks)
 
@@ -326,6 +350,7 @@ class DocumentIndex:
         tmp.mkdir()
         try:
             faiss.write_index(self.faiss, str(tmp / "dense.faiss"))
+            _fsync(tmp / "dense.faiss")  # the other files are written by ragpt.atomic, which fsyncs
             ordered = sorted(self.chunks.values(), key=lambda c: c.id)
             lines = [json.dumps(asdict(c), ensure_ascii=False) for c in ordered]
             atomic_write_text(tmp / "chunks.jsonl", "\n".join(lines) + ("\n" if lines else ""))
@@ -343,7 +368,9 @@ class DocumentIndex:
                 files={f: sha256_file(tmp / f) for f in ("dense.faiss", "chunks.jsonl")},
             )
             atomic_write_json(tmp / "manifest.json", self.manifest)
+            _fsync(tmp)
             os.replace(tmp, self.path / snap_id)
+            _fsync(self.path)  # the snapshot's name is on disk before CURRENT names it
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

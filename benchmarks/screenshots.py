@@ -44,7 +44,8 @@ def main() -> None:
     shutil.copytree(ROOT / "prompts", prompts)
     settings = load_settings(prompt_dir=prompts, index_dir=ROOT / "indexes", max_new_tokens=48)
     config = ServiceConfig.model_validate({
-        "index": "sample", "departments": {d: {"api_keys": [hash_api_key("demo-key")]} for d in ("hr", "it", "finance")},
+        "index": "sample",
+        "departments": {d: {"api_keys": [hash_api_key("demo-key")]} for d in ("hr", "it", "finance")},
         "admin": {"keys": {"compliance": hash_api_key("demo-admin-key")}}})
     app = create_app(config, settings, background_load=False)
     opts = webdriver.ChromeOptions()

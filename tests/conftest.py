@@ -123,10 +123,13 @@ def tiny_model(tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def real_settings(tmp_path_factory):
-    """Settings defaults (model cache from RAGPT_CACHE_DIR or the user cache), a session index dir."""
+    """Settings defaults (model cache from RAGPT_CACHE_DIR or the user cache), a session index dir
+    and an empty session registry."""
     from ragpt.config import Settings
 
-    return Settings(index_dir=tmp_path_factory.mktemp("indexes"))
+    # An empty registry of the session's own: the repository's prompts/ ships active prompts for
+    # the sample departments, which a test must ask for, not get by accident.
+    return Settings(index_dir=tmp_path_factory.mktemp("indexes"), prompt_dir=tmp_path_factory.mktemp("prompts"))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     ("ask",): "answer",
     ("retrieve",): "chunks",
     ("demo",): "sample corpus",
-    ("index",): "Inspect indexes",
+    ("index",): "List, inspect and delete indexes",
     ("index", "info"): "manifest",
     ("index", "list"): "List the indexes",
     ("models",): "generator and embedder",

@@ -283,7 +283,7 @@ def test_import_ingest_train_eval_writes_a_reproducible_report(tiny_tokenizer, t
     for agency in ("dmv", "ssa"):
         ok(ragpt_app, "ingest", "-q", "-i", "d2d", "-d", agency, d / "docs" / agency)
     ok(ragpt_app, "train", "-q", "-d", "dmv", "-i", "d2d", "--data", d / "qa" / "dmv.train.jsonl", "--steps", 2,
-       "--batch-size", 2, "--n-tokens", 4, "-k", 1, "--max-context-tokens", 192, "--eval-every", 0,
+       "--batch-size", 2, "--n-tokens", 4, "--depth", 1, "-k", 1, "--max-context-tokens", 192, "--eval-every", 0,
        "--patience", 0, "--dev-max", 2, "--checkpoint-dir", tmp_path / "ckpt")
     common = ["eval", "-q", "-i", "d2d", "--train-data", d / "qa" / "dmv.train.jsonl",
               "--train-data", d / "qa" / "ssa.train.jsonl", "--prompt", "dmv=v1", "-k", 1, "--depth", 3,

@@ -172,8 +172,8 @@ def test_openai_route_answers_exactly_like_the_pipeline(client, pipe):
     assert body["choices"][0]["finish_reason"] == ref.finish_reason
     assert body["usage"] == ref.usage
     assert (body["department"], body["prompt_version"], body["routing"]) == ("hr", "v1", None)
-    assert body["citations"] == [{"source": c.source, "title": c.title, "chunk": c.chunk, "score": c.score}
-                                 for c in ref.citations]
+    assert body["citations"] == [{"source": c.source, "title": c.title, "chunk": c.chunk, "score": c.score,
+                                  "snippet": c.snippet} for c in ref.citations]
 
 
 def test_department_route_turns_earlier_messages_into_history(client, pipe):
@@ -317,7 +317,8 @@ VACATION_HISTORY = (Turn("user", "How many vacation days do I get per year in Mu
 
 
 def _citations(answer) -> list[dict]:
-    return [{"source": c.source, "title": c.title, "chunk": c.chunk, "score": c.score} for c in answer.citations]
+    return [{"source": c.source, "title": c.title, "chunk": c.chunk, "score": c.score, "snippet": c.snippet}
+            for c in answer.citations]
 
 
 def _prompt_passages(pipe, question: str, dept: str, **kw) -> list:

@@ -3,7 +3,7 @@
 // answering prompt version and the cited sources. Model and document text is shown as text only.
 import {
   ApiError, NetworkError, apiFetch, apiJson, clear, closeSession, describeError,
-  el, getSession, isAbort, openSession, setText, showOnly, streamError,
+  el, getSession, isAbort, setText, submitKey, showOnly, streamError,
 } from "./common.js";
 
 const $ = (id) => document.getElementById(id);
@@ -80,27 +80,12 @@ function showChat() {
 
 // ---------------------------------------------------------------------------------- login
 
-async function onKeySubmit(event) {
-  event.preventDefault();
-  const key = ui.keyInput.value.trim();
-  if (!key) {
-    setText(ui.keyError, "Enter your department key.");
-    ui.keyInput.focus();
-    return;
-  }
-  setText(ui.keyError, "");
-  ui.keySubmit.disabled = true;
-  try {
-    const session = await openSession("department", key);
-    ui.keyInput.value = "";
+function onKeySubmit(event) {
+  const form = { input: ui.keyInput, submit: ui.keySubmit, error: ui.keyError };
+  return submitKey(event, "department", form, "Enter your department key.", (session) => {
     setText(ui.chatError, "");
     enter(session);
-  } catch (e) {
-    setText(ui.keyError, describeError(e));
-    ui.keyInput.select();
-  } finally {
-    ui.keySubmit.disabled = false;
-  }
+  });
 }
 
 async function onLogout() {

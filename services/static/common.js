@@ -228,3 +228,28 @@ export async function closeSession(kind, csrf) {
     if (!(e instanceof ApiError && e.status === 401)) throw e;
   }
 }
+
+// The key form of both pages: validate, exchange the key for a session, report what went wrong.
+// `form` holds the input, submit button and error elements; `onSession(session)` enters the page.
+export async function submitKey(event, kind, form, emptyMessage, onSession) {
+  event.preventDefault();
+  const key = form.input.value.trim();
+  if (!key) {
+    setText(form.error, emptyMessage);
+    form.input.focus();
+    return;
+  }
+  setText(form.error, "");
+  form.submit.disabled = true;
+  try {
+    const session = await openSession(kind, key);
+    form.input.value = "";
+    onSession(session);
+  } catch (e) {
+    setText(form.error, describeError(e));
+    form.input.select();
+  } finally {
+    form.submit.disabled = false;
+  }
+}
+

@@ -3,7 +3,7 @@
 // version details with a loss chart drawn in SVG, and the audit trail. All text is shown as text.
 import {
   ApiError, append, apiJson, clear, closeSession, describeError, el, fmtNumber, fmtSigned, getSession,
-  openSession, setText, showOnly, svgEl,
+  setText, showOnly, submitKey, svgEl,
 } from "./common.js";
 
 const $ = (id) => document.getElementById(id);
@@ -80,26 +80,9 @@ function enter(session) {
   loadAll();
 }
 
-async function onKeySubmit(event) {
-  event.preventDefault();
-  const key = ui.keyInput.value.trim();
-  if (!key) {
-    setText(ui.keyError, "Enter your admin key.");
-    ui.keyInput.focus();
-    return;
-  }
-  setText(ui.keyError, "");
-  ui.keySubmit.disabled = true;
-  try {
-    const session = await openSession("admin", key);
-    ui.keyInput.value = "";
-    enter(session);
-  } catch (e) {
-    setText(ui.keyError, describeError(e));
-    ui.keyInput.select();
-  } finally {
-    ui.keySubmit.disabled = false;
-  }
+function onKeySubmit(event) {
+  const form = { input: ui.keyInput, submit: ui.keySubmit, error: ui.keyError };
+  return submitKey(event, "admin", form, "Enter your admin key.", enter);
 }
 
 async function onLogout() {

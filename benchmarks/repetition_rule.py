@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from served_contract_check import eval_as_served  # benchmarks/ is the script's folder
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -41,14 +41,8 @@ def main() -> None:
     pairs = []  # (agency, method, qid, f1 before, f1 after, fired, is_prefix)
     for d in args.agencies:
         stored = json.loads((args.before / d / "results.json").read_text())
-        version = stored["run"]["prompt_specs"][0]
-        qa = args.qa_dir / d
         out = args.work / d
-        cmd = [sys.executable, "-m", "ragpt.cli", "eval", "-q", "-i", "shared", "-d", d, "--data", f"{qa}.test.jsonl",
-               "--train-data", f"{qa}.train.jsonl", "--dev-data", f"{qa}.dev.jsonl", "--prompt", version,
-               "--method", "none", "--method", "soft", "--out", str(out)]
-        if args.rerun or not (out / "results.json").is_file():
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        eval_as_served(d, stored["run"]["prompt_specs"][0], args.qa_dir, out, args.rerun)
         before, after = _predictions(args.before / d), _predictions(out)
         if set(before) != set(after):
             raise SystemExit(f"{d}: the two runs scored different questions")

@@ -22,6 +22,18 @@ RESULTS = HERE / "results"
 AGENCIES = ("dmv", "ssa", "studentaid", "va")
 
 
+def eval_as_served(agency: str, version: str, qa_dir: Path, out: Path, rerun: bool = False) -> dict:
+    """`ragpt eval` of an agency's version and no prompt with no input flags (every input from the
+    version's contract, as served) into `out`, unless a report is there already; its results."""
+    qa = qa_dir / agency
+    cmd = [sys.executable, "-m", "ragpt.cli", "eval", "-q", "-i", "shared", "-d", agency, "--data", f"{qa}.test.jsonl",
+           "--train-data", f"{qa}.train.jsonl", "--dev-data", f"{qa}.dev.jsonl", "--prompt", version,
+           "--method", "none", "--method", "soft", "--out", str(out)]
+    if rerun or not (out / "results.json").is_file():
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "results.json").read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--qa-dir", type=Path, default=Path.home() / ".cache/ragpt/shared-qa/doc2dial/qa")
@@ -34,14 +46,8 @@ def main() -> None:
     for d in args.agencies:
         stored = json.loads((args.stored / d / "retrieved" / "results.json").read_text())
         version = stored["run"]["prompt_specs"][0]
-        qa = args.qa_dir / d
         out = args.work / d
-        cmd = [sys.executable, "-m", "ragpt.cli", "eval", "-q", "-i", "shared", "-d", d, "--data", f"{qa}.test.jsonl",
-               "--train-data", f"{qa}.train.jsonl", "--dev-data", f"{qa}.dev.jsonl", "--prompt", version,
-               "--method", "none", "--method", "soft", "--out", str(out)]
-        if args.rerun or not (out / "results.json").is_file():
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        now = json.loads((out / "results.json").read_text())
+        now = eval_as_served(d, version, args.qa_dir, out, args.rerun)
         dept_now, dept_then = now["departments"][d], stored["departments"][d]
         row = {"agency": d, "version": version, "n": dept_now["n"], "contract": dept_now["contract"],
                "contract_source": dept_now["contract_source"]}

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from test_service import HR_Q, KEYS, MAX_TOKENS, _auth, _config, _make_registry, _tiny_generator
+from test_service import HR_Q, KEYS, MAX_TOKENS, _auth, _config, gen, settings  # noqa: F401 - gen, settings: fixtures
 
 from ragpt.errors import ConfigError
 from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
@@ -32,27 +32,15 @@ def _threads(one_torch_thread_per_module):
     """See conftest.one_torch_thread_per_module."""
 
 
-@pytest.fixture(scope="module")
-def gen(tiny_tokenizer):
-    return _tiny_generator(tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def settings(sample_index, gen, tmp_path_factory):
-    s, _ = sample_index
-    prompt_dir = _make_registry(tmp_path_factory.mktemp("prompts"), gen.model)
-    return s.model_copy(update={"prompt_dir": prompt_dir, "max_context_tokens": 2048, "k": 2})
-
-
 @pytest.fixture
-def registry_dir(settings, tmp_path):
+def registry_dir(settings, tmp_path):  # noqa: F811 - the imported fixture
     """A copy of the service tests' registry (hr v1 active, v2 approved, v3 draft) with a worse draft v4."""
     root = shutil.copytree(settings.prompt_dir, tmp_path / "prompts")
     return root
 
 
 @pytest.fixture
-def client(settings, real_embedder, gen, registry_dir):
+def client(settings, real_embedder, gen, registry_dir):  # noqa: F811
     reg = PromptRegistry(registry_dir)
     hidden = gen.model.get_input_embeddings().weight.shape[1]
     verdict = {"verdict": "worse", "delta": -6.0, "low": -9.0, "high": -2.5, "n": 60, "step": 40}

@@ -80,12 +80,28 @@ def run_training(
     log=print,
 ) -> dict:
     """Train a department prompt; on the main process register it as a draft. Returns a summary."""
+    cfg.check()  # bad settings fail before any model, index or data is loaded
+    joined = init_distributed_from_env()
+    try:
+        return _train_and_register(settings, index=index, data=data, cfg=cfg, dev_data=dev_data,
+                                   checkpoint_dir=checkpoint_dir, resume=resume, register=register, actor=actor,
+                                   progress=progress, log=log)
+    finally:
+        # Leave the process group before the interpreter exits: a live gloo group's threads,
+        # destroyed at exit, abort the process ("terminate called without an active exception").
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train_and_register(settings: Settings, *, index: str, data: Path, cfg: TrainConfig, dev_data: Path | None,
+                        checkpoint_dir: Path | None, resume: bool, register: bool, actor: str | None,
+                        progress: bool, log) -> dict:
     from ragpt.data.datasets import TRAINING_QUESTIONS_META_KEY, question_hashes
     from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
     from ragpt.softprompts.registry import PromptRegistry
 
-    cfg.check()  # bad settings fail before any model, index or data is loaded
-    init_distributed_from_env()
     rank, world = dist_info()
     qas: list[QAExample] = load_qa(data)
     dev_qas = load_qa(dev_data) if dev_data else None

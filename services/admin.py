@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -228,7 +227,4 @@ def install_admin_routes(app: FastAPI, errors) -> None:
         return await change(request, department(request, dept), lambda reg, actor: reg.deactivate(
             dept, actor=actor, reason=why))
 
-
-def registry_for(settings) -> PromptRegistry:
-    return PromptRegistry(Path(settings.prompt_dir))
 

@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 from filelock import FileLock
 
-from ragpt.atomic import atomic_write_json, atomic_write_text, sha256_file
+from ragpt.atomic import atomic_write_json, atomic_write_text, fsync_path, sha256_file
 from ragpt.data.documents import Chunk, is_glob, source_matches, source_matches_pattern
 from ragpt.errors import (
     EmbedderMismatchError,
@@ -84,14 +84,6 @@ def _damaged(name: str, what: str) -> IndexCorruptError:
         f"index {name!r}: {what}; the index is damaged: re-ingest its documents "
         f"(`ragpt index delete {name} --yes`, then `ragpt ingest -i {name} -d DEPT PATH`)"
     )
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _not_found(root: Path, name: str) -> IndexNotFoundError:
@@ -344,7 +336,7 @@ class DocumentIndex:
         tmp.mkdir()
         try:
             faiss.write_index(self.faiss, str(tmp / "dense.faiss"))
-            _fsync(tmp / "dense.faiss")  # the other files are written by ragpt.atomic, which fsyncs
+            fsync_path(tmp / "dense.faiss")  # the other files are written by ragpt.atomic, which fsyncs
             ordered = sorted(self.chunks.values(), key=lambda c: c.id)
             lines = [json.dumps(asdict(c), ensure_ascii=False) for c in ordered]
             atomic_write_text(tmp / "chunks.jsonl", "\n".join(lines) + ("\n" if lines else ""))
@@ -362,9 +354,9 @@ class DocumentIndex:
                 files={f: sha256_file(tmp / f) for f in ("dense.faiss", "chunks.jsonl")},
             )
             atomic_write_json(tmp / "manifest.json", self.manifest)
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, self.path / snap_id)
-            _fsync(self.path)  # the snapshot's name is on disk before CURRENT names it
+            fsync_path(self.path)  # the snapshot's name is on disk before CURRENT names it
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

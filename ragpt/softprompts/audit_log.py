@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ragpt.atomic import fsync_path
 from ragpt.errors import RagptError
 
 LOG_FORMAT = 2
@@ -82,15 +83,7 @@ def append_record(path: Path, record: dict[str, Any], contents: LogContents) -> 
         f.flush()
         os.fsync(f.fileno())
     if created:
-        fsync_dir(path.parent)  # the file's name, not only its bytes, must survive a power cut
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(path.parent)  # the file's name, not only its bytes, must survive a power cut
 
 
 def empty_state() -> dict[str, Any]:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 
-from ragpt.atomic import sha256_file
+from ragpt.atomic import fsync_path, sha256_file
 from ragpt.errors import RagptError, SoftPromptError, UnknownDepartmentError
 from ragpt.names import check_name
 from ragpt.softprompts.audit_log import (
@@ -52,7 +52,6 @@ from ragpt.softprompts.audit_log import (
     Replayed,
     append_record,
     empty_state,
-    fsync_dir,
     read_log,
     replay,
     touches,
@@ -273,7 +272,7 @@ class PromptRegistry:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            fsync_dir(dept_dir)  # the folder's name is on disk before the line that names it
+            fsync_path(dept_dir)  # the folder's name is on disk before the line that names it
             commit({"action": action, "department": dept, "version": version, "actor": actor,
                     "reason": reason, "sha256": stored.meta["sha256"], "meta_sha256": meta_sha,
                     **audit_more})

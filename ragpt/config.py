@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     chunk_tokens: int = Field(200, ge=16, le=4096)
     chunk_overlap: int = Field(40, ge=0)
     embed_batch_size: int = Field(64, ge=1)
+    # Dense search structure of a new or re-saved index: flat (exact), ivf or hnsw (approximate,
+    # department filter inside the search), or auto (flat while small, approximate past a size).
+    index_type: str = "auto"
 
     # Retrieval (part of the input contract of requests without a prompt version).
     k: int = Field(CONTRACT_DEFAULTS["k"], ge=1, le=100)
@@ -84,6 +87,14 @@ class Settings(BaseSettings):
     # "auto" turns it on where the CPU supports bf16 natively.
     bf16: str = "auto"
     threads: int = Field(0, ge=0)  # 0: leave torch's default
+
+    @field_validator("index_type")
+    @classmethod
+    def _check_index_type(cls, v: str) -> str:
+        v = str(v).lower()
+        if v not in {"auto", "flat", "ivf", "hnsw"}:
+            raise ValueError("index_type must be auto, flat, ivf or hnsw")
+        return v
 
     @field_validator("bf16")
     @classmethod

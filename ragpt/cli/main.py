@@ -73,6 +73,9 @@ def ingest(
         help="Abort on the first file that cannot be ingested, writing nothing.")] = False,
     chunk_tokens: Annotated[int | None, typer.Option(help="Chunk size in embedder tokens.")] = None,
     chunk_overlap: Annotated[int | None, typer.Option(help="Overlap between chunks, tokens.")] = None,
+    index_type: Annotated[str | None, typer.Option("--index-type",
+        help="Dense search structure from now on: auto (flat while small), flat, ivf or hnsw "
+             "(default for a new index: the index_type setting).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Add or update documents in an index (unchanged ones are skipped), or --delete them.
@@ -100,7 +103,8 @@ def ingest(
         rep = run_ingest(
             s.index_dir, index, paths, department, load_embedder(s), source_root=root, strict=strict,
             chunk_tokens=s.chunk_tokens, chunk_overlap=s.chunk_overlap,
-            batch_size=s.embed_batch_size, progress=not quiet,
+            batch_size=s.embed_batch_size, progress=not quiet, index_type=index_type,
+            new_index_type=s.index_type,
         )
     except RagptError as e:
         _fail(e)

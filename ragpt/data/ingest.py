@@ -165,13 +165,15 @@ def _entry(doc: Document, departments: list[str], n_chunks: int) -> dict:
     }
 
 
-def _open_or_create(root: Path, name: str, embedder: Embedder, chunk_tokens: int, chunk_overlap: int):
+def _open_or_create(root: Path, name: str, embedder: Embedder, chunk_tokens: int, chunk_overlap: int,
+                    index_type: str):
     if DocumentIndex.exists(root, name):
         index = DocumentIndex.open(root, name)
         index.check_embedder(embedder.name, embedder.dim)
         return index
     return DocumentIndex.empty(root, name, embedder.name, embedder.dim,
-                               {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap})
+                               {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap},
+                               index_type=index_type)
 
 
 def ingest(
@@ -187,6 +189,8 @@ def ingest(
     chunk_overlap: int = 40,
     batch_size: int = 64,
     progress: bool = True,
+    index_type: str | None = None,
+    new_index_type: str = "auto",
 ) -> IngestReport:
     """Add or update documents, readable by `departments`, in index `name` under `root`.
 
@@ -195,6 +199,8 @@ def ingest(
     a changed one has its chunks replaced; one ingested again with other departments is relabelled.
     The departments given replace the document's readers: to share a document, name them all.
     Files that cannot be ingested are listed in report.skipped / report.failed (strict: raise).
+    `index_type` (auto, flat, ivf, hnsw) changes the index's dense search structure from this save
+    on; a new index gets `new_index_type` (the index_type setting) unless it is given.
     """
     t0 = time.perf_counter()
     root = Path(root)
@@ -208,7 +214,8 @@ def ingest(
         return report
 
     with index_lock(root, name):
-        index = _open_or_create(root, name, embedder, chunk_tokens, chunk_overlap)
+        index = _open_or_create(root, name, embedder, chunk_tokens, chunk_overlap, new_index_type)
+        retyped = index_type is not None and index.set_index_type(index_type)
         plan = _plan(index, docs, departments, report)
         chunker = Chunker(embedder.tokenizer, chunk_tokens, chunk_overlap)
         chunks = []
@@ -227,7 +234,7 @@ def ingest(
             report.embed_seconds = time.perf_counter() - t_embed
             index.add(chunks, vectors)
             report.chunks_embedded = len(chunks)
-        if plan or report.relabelled or report.migrated or not DocumentIndex.exists(root, name):
+        if plan or retyped or report.relabelled or report.migrated or not DocumentIndex.exists(root, name):
             index.save()
     report.seconds = time.perf_counter() - t0
     return report

@@ -50,6 +50,7 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: documents keyed by the path as ingested (see the module docstring)
 OPEN_ATTEMPTS = 3  # reads of CURRENT when saves replace the snapshot during an open
 FILTER_FIELDS = ("source", "title", "doc_sha256")
+INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
 _SNAPSHOT_NAME = re.compile(r"snap-[A-Za-z0-9_-]+")
 _MANIFEST_KEYS = {"format": int, "embedder": dict, "documents": dict, "files": dict, "next_id": int}
 
@@ -251,6 +252,16 @@ class DocumentIndex:
                 c.doc, c.source = new, source
         self._version += 1
 
+    def set_index_type(self, index_type: str) -> bool:
+        """Ask for dense search structure `index_type` (auto, flat, ivf, hnsw) from the next save
+        on; True when that changes what was asked before."""
+        index_type = str(index_type).lower()
+        if index_type not in INDEX_TYPES:
+            raise RagptError(f"unknown index type {index_type[:20]!r}; choose one of {', '.join(INDEX_TYPES)}")
+        before = self.manifest.get("dense", {}).get("requested", "auto")
+        self.manifest.setdefault("dense", {})["requested"] = index_type
+        return before != index_type
+
     def new_key(self, source: str) -> str:
         """A key for a new document: its source, or source@N when that is taken."""
         if source not in self.documents:
@@ -262,7 +273,8 @@ class DocumentIndex:
 
     # ------------------------------------------------------------------ persistence
     @classmethod
-    def empty(cls, root: Path, name: str, embedder_name: str, dim: int, chunking: dict) -> DocumentIndex:
+    def empty(cls, root: Path, name: str, embedder_name: str, dim: int, chunking: dict,
+              *, index_type: str = "auto") -> DocumentIndex:
         check_name("index", name)
         manifest = {
             "format": FORMAT_VERSION,
@@ -274,7 +286,9 @@ class DocumentIndex:
             "files": {},
             "next_id": 0,
         }
-        return cls(root, name, manifest, faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim))), [])
+        index = cls(root, name, manifest, faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim))), [])
+        index.set_index_type(index_type)
+        return index
 
     @staticmethod
     def exists(root: Path, name: str) -> bool:

@@ -3,6 +3,8 @@
 Routes
     POST /v1/departments/{dept}/chat   ragpt's own shape: answer, citations, department, version, usage
     POST /v1/chat/completions          OpenAI-compatible; model = "dept", "dept@v3", "dept@none" or "auto"
+    POST /v1/prompt_embeds             the chat completion body, answered with the request's input as prompt
+                                       embeddings (base64 of torch.save) for vLLM's prompt_embeds; plain prompts
     GET  /v1/models                    the departments this key may use, with their active prompt versions
     GET  /healthz                      the process is up
     GET  /readyz                       models loaded, batcher running (503 until then); with a valid key
@@ -47,7 +49,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ragpt.config import Settings
 from ragpt.lm.generator import Generator
 from ragpt.lm.models import Embedder
-from ragpt.serving.request import Answer
+from ragpt.serving.prompt_embeds import DeepPromptEmbedsError, build_prompt_embeds
+from ragpt.serving.request import Answer, ChatRequest
 from ragpt.serving.scheduler import Ticket
 from ragpt_service.admin import install_admin_routes
 from ragpt_service.config import ServiceConfig
@@ -66,6 +69,8 @@ from ragpt_service.schemas import (
     ChatCompletionRequest,
     ChatMessage,
     DepartmentChatRequest,
+    PromptEmbedsRequest,
+    PromptEmbedsResponse,
     check_generation_limits,
     check_supported,
     citations_json,
@@ -389,6 +394,36 @@ async def _answer(request: Request, rt: ServiceRuntime, call: ChatCall):
             rt.release(ticket)  # whatever happened (a timeout, an error, the client gone): its work stops
 
 
+async def _prompt_embeds(rt: ServiceRuntime, call: ChatCall, dtype: str | None) -> dict:
+    """The call's input as prompt embeddings, built by the one request path in a worker thread (it
+    retrieves and embeds: no generation, so it does not queue behind the batcher's rows)."""
+    request = ChatRequest(call.question, call.department, history=call.history, system=call.system,
+                          prompt=call.prompt, overrides=call.overrides,
+                          max_new_tokens=call.max_tokens or rt.default_max_tokens, temperature=call.temperature)
+
+    def build() -> tuple:
+        pe = build_prompt_embeds(rt.pipelines[call.department], request, dtype=dtype)
+        return pe, pe.encoded()  # base64 of a few MB: off the event loop too
+
+    try:
+        pe, encoded = await asyncio.wait_for(asyncio.to_thread(build), rt.config.limits.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(504, "the request timed out while building its input", code="timeout") from None
+    except DeepPromptEmbedsError as e:
+        raise ApiError(400, str(e), code="deep_prompt_unsupported", param="model") from None
+    except Exception as e:
+        raise from_ragpt_error(e) from e
+    p = pe.prepared
+    return {"id": f"pe-{secrets.token_hex(12)}", "object": "prompt_embeds", "created": int(time.time()),
+            "model": _model_label(p.department, p.prompt_version), "prompt_embeds": encoded,
+            "encoding": "base64-torch-save", "shape": list(pe.tensor.shape),
+            "dtype": str(pe.tensor.dtype).removeprefix("torch."), "prompt_tokens": pe.prompt_tokens,
+            "soft_prompt_tokens": pe.soft_prompt_tokens, "max_tokens": p.max_new_tokens,
+            "temperature": float(p.temperature), "stop_token_ids": pe.stop_token_ids,
+            **_extras(p.department, p.prompt_version, p.citations, call.routing, p.contract.to_dict(), p.overrides,
+                      p.built.history)}
+
+
 # ---------------------------------------------------------------------- the app
 
 
@@ -520,6 +555,24 @@ def create_app(config: ServiceConfig, settings: Settings, *, embedder: Embedder 
                               max_tokens=body.max_tokens,
                               temperature=body.temperature, stream=body.stream, include_usage=False, openai=False)
         return await _answer(request, rt, call)
+
+    @app.post("/v1/prompt_embeds", response_model=PromptEmbedsResponse,
+              responses=_errors(400, 401, 404, 413, 422, 500, 503, 504))
+    async def prompt_embeds(request: Request, body: PromptEmbedsRequest, allowed: frozenset[str] = Depends(_allowed),
+                            rt: ServiceRuntime = Depends(_runtime)):
+        """The chat completion body, answered with the request's input as prompt embeddings instead of an
+        answer: the soft prompt, then the prompt's token embeddings, as ragpt feeds its model (same department,
+        version, contract, retrieval and budgets as `/v1/chat/completions`). For vLLM's `prompt_embeds`; a deep
+        prompt cannot be sent that way (400 `deep_prompt_unsupported`)."""
+        check_supported(body)
+        if body.stream:
+            raise ApiError(400, "stream is not supported here: the answer is one tensor", code="unsupported_parameter",
+                           param="stream")
+        call = await _resolve(rt, allowed, body.model, body.messages, k=body.k, contract=body.contract,
+                              max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+                              stream=False, include_usage=False, openai=True)
+        request.state.record.department = call.department
+        return JSONResponse(await _prompt_embeds(rt, call, body.dtype))
 
     return app
 

@@ -118,6 +118,54 @@ class DepartmentChatRequest(BaseModel):
     contract: dict[str, Any] | None = CONTRACT_FIELD
 
 
+PROMPT_EMBEDS_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class PromptEmbedsRequest(ChatCompletionRequest):
+    """The chat completion body, answered with the request's input as prompt embeddings (for an engine
+    such as vLLM with `--enable-prompt-embeds`) instead of an answer. `stream` must be false."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Element type of the tensor (default: the one ragpt computes with). vLLM accepts all "
+                          "three and casts to its model's dtype; bfloat16 halves the response.")
+
+
+class CitationOut(BaseModel):
+    source: str
+    title: str
+    chunk: int
+    score: float
+    snippet: str
+
+
+class PromptEmbedsResponse(BaseModel):
+    """A request's whole input as one (positions x hidden) tensor: the soft prompt's vectors, then the
+    embeddings of the prompt's tokens, exactly what ragpt feeds its model. Send `prompt_embeds` to
+    vLLM's `POST /v1/completions` with `max_tokens`, `temperature` and `stop_token_ids` from here."""
+
+    id: str
+    object: Literal["prompt_embeds"]
+    created: int
+    model: str = Field(description="'dept' or 'dept@version': the department and prompt version it was built with.")
+    prompt_embeds: str = Field(description="Base64 of torch.save(tensor), the form vLLM's prompt_embeds field takes.")
+    encoding: Literal["base64-torch-save"]
+    shape: list[int] = Field(description="[positions, hidden size]; positions = soft prompt + prompt tokens.")
+    dtype: Literal["float32", "bfloat16", "float16"]
+    prompt_tokens: int = Field(description="Positions of the input, soft prompt included (the usage an answer counts).")
+    soft_prompt_tokens: int
+    max_tokens: int = Field(description="The answer budget the prompt was fitted for (the model's window minus it).")
+    temperature: float
+    stop_token_ids: list[int] = Field(description="ragpt's stop tokens; pass them on so the engine stops where ragpt "
+                                                  "does (ragpt's loop rule is not applied by the engine).")
+    department: str
+    prompt_version: str | None
+    citations: list[CitationOut] = Field(description="The passages in the prompt, in rank order.")
+    routing: dict[str, Any] | None
+    contract: dict[str, Any]
+    contract_overrides: dict[str, Any]
+    history_turns: int
+
+
 def split_chat(messages: list[ChatMessage], limits: LimitsConfig) -> tuple[str, tuple[Turn, ...], str | None]:
     """(question, history, system text) from chat messages, enforcing the message limits."""
     if not messages:

@@ -74,7 +74,7 @@ def ingest(
     chunk_tokens: Annotated[int | None, typer.Option(help="Chunk size in embedder tokens.")] = None,
     chunk_overlap: Annotated[int | None, typer.Option(help="Overlap between chunks, tokens.")] = None,
     index_type: Annotated[str | None, typer.Option("--index-type",
-        help="Dense search structure from now on: auto (flat while small), flat, ivf or hnsw "
+        help="Dense search structure from now on: auto (flat while small, then ivf), flat or ivf "
              "(default for a new index: the index_type setting).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -153,6 +153,14 @@ def ask(
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens.")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer object as JSON.")] = False,
+    prompt_embeds_out: Annotated[Path | None, typer.Option(
+        "--prompt-embeds-out", metavar="FILE",
+        help="Instead of answering, write the request's input as prompt embeddings (soft prompt, then the "
+             "prompt's token embeddings): FILE.safetensors holds the tensor, any other FILE (or - for stdout) "
+             "a JSON body for vLLM's POST /v1/completions (vllm serve --enable-prompt-embeds). Plain prompts "
+             "only.")] = None,
+    prompt_embeds_dtype: Annotated[str | None, typer.Option(
+        help="The tensor's dtype for --prompt-embeds-out: float32, bfloat16 or float16 (default: ragpt's).")] = None,
 ) -> None:
     """Answer with the department's soft prompt, built with the prompt version's input contract."""
     from ragpt.serving.pipeline import Pipeline
@@ -160,11 +168,51 @@ def ask(
     try:
         turns = _history_turns(history)
         s = _settings(ctx, max_new_tokens=max_tokens, temperature=temperature)
-        ans = Pipeline.open(index, settings=s).ask(question, department, history=turns, system=system,
-                                                   prompt=prompt, k=k)
+        pipe = Pipeline.open(index, settings=s)
+        if prompt_embeds_out is not None:
+            from ragpt.serving.request import ChatRequest
+
+            # The request `ask` would answer (the same fields), prepared by the one request path.
+            request = ChatRequest(question, department, history=turns, system=system, prompt=prompt,
+                                  overrides={"k": k} if k is not None else None)
+            _write_prompt_embeds(pipe, request, prompt_embeds_out, prompt_embeds_dtype, as_json)
+            return
+        ans = pipe.ask(question, department, history=turns, system=system, prompt=prompt, k=k)
     except RagptError as e:
         _fail(e)
     _print_answer(ans, as_json)
+
+
+def _write_prompt_embeds(pipe, request, out: Path, dtype: str | None, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from ragpt.atomic import atomic_write_bytes
+    from ragpt.serving.prompt_embeds import build_prompt_embeds
+
+    pe = build_prompt_embeds(pipe, request, dtype=dtype)
+    if str(out) == "-":  # the body alone, for a pipe: ragpt ask ... --prompt-embeds-out - | curl -d @- ...
+        typer.echo(json.dumps(pe.completion_body()))
+        return
+    # safetensors for offline LLM.generate({"prompt_embeds": tensor}); otherwise the HTTP body, ready for curl -d @FILE.
+    data = pe.safetensors_bytes() if out.suffix == ".safetensors" else json.dumps(pe.completion_body()).encode()
+    try:
+        atomic_write_bytes(out, data)
+    except OSError as e:
+        raise RagptError(f"cannot write {out.name}: {e.strerror or e}") from None
+    p = pe.prepared
+    summary = {"file": str(out), "shape": list(pe.tensor.shape), "dtype": str(pe.tensor.dtype).removeprefix("torch."),
+               "soft_prompt_tokens": pe.soft_prompt_tokens, "department": p.department,
+               "prompt_version": p.prompt_version, "max_tokens": p.max_new_tokens,
+               "stop_token_ids": pe.stop_token_ids, "citations": [asdict(c) for c in p.citations],
+               "contract": p.contract.to_dict(), "contract_overrides": p.overrides}
+    if as_json:
+        typer.echo(json.dumps(summary, ensure_ascii=False))
+        return
+    version = p.prompt_version or "no soft prompt"
+    typer.echo(f"wrote {out}: {pe.tensor.shape[0]} x {pe.tensor.shape[1]} {summary['dtype']} "
+               f"({p.department} {version}: {pe.soft_prompt_tokens} soft-prompt positions + {len(p.ids)} tokens)")
+    for i, c in enumerate(p.citations, start=1):
+        typer.echo(f"  [{i}] {c.source} #chunk {c.chunk} (score {c.score:.4f}) {c.title}")
 
 
 def _history_turns(text: str | None) -> tuple:

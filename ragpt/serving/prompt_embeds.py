@@ -63,10 +63,10 @@ def _check_plain(prepared: PreparedRequest) -> torch.Tensor | None:
     label = f"{prepared.department} {prepared.prompt_version or 'soft prompt'}"
     raise DeepPromptEmbedsError(
         f"{label} is a deep prompt ({prompt_depth(sp)} layers x {int(sp.shape[-2])} positions): its layers "
-        f"1..{prompt_depth(sp) - 1} replace hidden states inside the model, which prompt embeddings (the "
-        "model's input only) cannot carry. Serve it with ragpt itself, pin a plain version or no prompt "
-        f"('{prepared.department}@none'), or export its per-layer keys and values with `ragpt prompts export` "
-        "(a PEFT prefix-tuning adapter) for an engine that loads KV prefixes; see docs/scale-out.md"
+        f"1..{prompt_depth(sp) - 1} replace hidden states inside the model, which prompt embeddings cannot "
+        f"carry. Serve it with ragpt, use a plain version or '{prepared.department}@none', or export its "
+        "per-layer keys and values (`ragpt prompts export`) for an engine that loads KV prefixes "
+        "(docs/scale-out.md)"
     )
 
 

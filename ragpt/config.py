@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     chunk_tokens: int = Field(200, ge=16, le=4096)
     chunk_overlap: int = Field(40, ge=0)
     embed_batch_size: int = Field(64, ge=1)
-    # Dense search structure of a new or re-saved index: flat (exact), ivf or hnsw (approximate,
-    # department filter inside the search), or auto (flat while small, approximate past a size).
+    # Dense search structure of a new index: flat (exact), ivf (approximate, the department
+    # filter inside the search), or auto (flat while small, ivf past a size; ragpt.retrieval.dense).
     index_type: str = "auto"
 
     # Retrieval (part of the input contract of requests without a prompt version).
@@ -92,8 +92,8 @@ class Settings(BaseSettings):
     @classmethod
     def _check_index_type(cls, v: str) -> str:
         v = str(v).lower()
-        if v not in {"auto", "flat", "ivf", "hnsw"}:
-            raise ValueError("index_type must be auto, flat, ivf or hnsw")
+        if v not in {"auto", "flat", "ivf"}:
+            raise ValueError("index_type must be auto, flat or ivf")
         return v
 
     @field_validator("bf16")

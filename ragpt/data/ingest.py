@@ -199,7 +199,7 @@ def ingest(
     a changed one has its chunks replaced; one ingested again with other departments is relabelled.
     The departments given replace the document's readers: to share a document, name them all.
     Files that cannot be ingested are listed in report.skipped / report.failed (strict: raise).
-    `index_type` (auto, flat, ivf, hnsw) changes the index's dense search structure from this save
+    `index_type` (auto, flat, ivf) changes the index's dense search structure from this save
     on; a new index gets `new_index_type` (the index_type setting) unless it is given.
     """
     t0 = time.perf_counter()

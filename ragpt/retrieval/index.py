@@ -2,7 +2,7 @@
 
 Layout of `indexes/NAME/`:
     CURRENT               name of the live snapshot (replaced atomically)
-    snap-<id>/dense.faiss FAISS IndexIDMap2(IndexFlatIP) over normalised embeddings
+    snap-<id>/dense.faiss FAISS structure over normalised embeddings (ragpt.retrieval.dense)
     snap-<id>/chunks.jsonl one chunk per line: id, text and metadata
     snap-<id>/manifest.json embedder, counts, per-document checksums, file checksums
 Every change builds a new snapshot and then flips CURRENT, so readers never see a torn index
@@ -26,6 +26,7 @@ import re
 import secrets
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -44,13 +45,15 @@ from ragpt.errors import (
     UnknownDepartmentError,
 )
 from ragpt.names import check_name
+from ragpt.retrieval.dense import AllowedIds, DenseIndex
 from ragpt.retrieval.legacy_format import upgrade_format_1
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: documents keyed by the path as ingested (see the module docstring)
 OPEN_ATTEMPTS = 3  # reads of CURRENT when saves replace the snapshot during an open
 FILTER_FIELDS = ("source", "title", "doc_sha256")
-INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+INDEX_TYPES = ("auto", "flat", "ivf")
+DEPARTMENT_CACHE = 256  # departments whose allowed-id selectors are kept between queries
 _SNAPSHOT_NAME = re.compile(r"snap-[A-Za-z0-9_-]+")
 _MANIFEST_KEYS = {"format": int, "embedder": dict, "documents": dict, "files": dict, "next_id": int}
 
@@ -98,14 +101,21 @@ def _not_found(root: Path, name: str) -> IndexNotFoundError:
 class DocumentIndex:
     """Chunks, their vectors and metadata for one named index; search lives in ragpt.retrieval.search."""
 
-    def __init__(self, root: Path, name: str, manifest: dict, faiss_index, chunks: list[StoredChunk]):
+    def __init__(self, root: Path, name: str, manifest: dict, dense: DenseIndex, chunks: list[StoredChunk]):
         self.root = Path(root)
         self.name = name
         self.manifest = manifest
-        self.faiss = faiss_index
+        self.dense = dense
         self.chunks: dict[int, StoredChunk] = {c.id: c for c in chunks}
         self._version = 0  # bumped on every in-memory change; caches key on it
-        self._dept_ids: dict[str, tuple[int, np.ndarray]] = {}
+        # department -> its readable ids, built for all departments in one pass per version
+        self._dept_ids: tuple[int, dict[str, np.ndarray]] = (-1, {})
+        self._allowed: OrderedDict[str, AllowedIds] = OrderedDict()  # LRU, same version
+
+    @property
+    def faiss(self):
+        """The raw FAISS structure (IndexIDMap2 over a flat index, or an IndexIVFFlat)."""
+        return self.dense.index
 
     # ------------------------------------------------------------------ properties
     @property
@@ -122,7 +132,7 @@ class DocumentIndex:
 
     @property
     def departments(self) -> list[str]:
-        return sorted({d for c in self.chunks.values() for d in c.departments})
+        return sorted(self._department_ids())
 
     @property
     def documents(self) -> dict[str, dict]:
@@ -150,7 +160,7 @@ class DocumentIndex:
             )
 
     def check_department(self, department: str) -> None:
-        if department not in self.departments:
+        if department not in self._department_ids():
             known = ", ".join(self.departments) or "(none: the index is empty)"
             raise UnknownDepartmentError(
                 f"department {department!r} has no documents in index {self.name!r}; known: {known}"
@@ -158,16 +168,14 @@ class DocumentIndex:
 
     # ------------------------------------------------------------------ filtering
     def allowed_ids(self, department: str, filters: dict | None = None) -> np.ndarray:
-        """Ids of chunks `department` may read and that match every metadata filter.
+        """Ids (sorted) of chunks `department` may read and that match every metadata filter.
 
         Filters map a field (source, title, doc_sha256) to a value or list of values. A source
         value is a relative path or a glob (`source_matches_pattern`); the others match exactly.
         """
         filters = filters or {}
         if not filters:
-            cached = self._dept_ids.get(department)
-            if cached is not None and cached[0] == self._version:
-                return cached[1]
+            return self._department_ids().get(department, np.zeros(0, dtype=np.int64))
         for key in filters:
             if key not in FILTER_FIELDS:
                 raise RagptError(f"unknown filter field {key!r}; allowed: {', '.join(FILTER_FIELDS)}")
@@ -177,10 +185,32 @@ class DocumentIndex:
             for c in self.chunks.values()
             if department in c.departments and all(_field_matches(c, k, vs) for k, vs in wanted.items())
         ]
-        out = np.asarray(sorted(ids), dtype=np.int64)
-        if not filters:
-            self._dept_ids[department] = (self._version, out)
-        return out
+        return np.asarray(sorted(ids), dtype=np.int64)
+
+    def allowed(self, department: str, filters: dict | None = None) -> AllowedIds:
+        """`allowed_ids` with the FAISS selector that enforces them (kept for recent departments)."""
+        if filters:
+            return AllowedIds(self.allowed_ids(department, filters), self.manifest["next_id"])
+        self._department_ids()  # drops selectors of an older version
+        hit = self._allowed.get(department)
+        if hit is None:
+            hit = self._allowed[department] = AllowedIds(self.allowed_ids(department), self.manifest["next_id"])
+            while len(self._allowed) > DEPARTMENT_CACHE:
+                self._allowed.popitem(last=False)
+        self._allowed.move_to_end(department)
+        return hit
+
+    def _department_ids(self) -> dict[str, np.ndarray]:
+        version, by_dept = self._dept_ids
+        if version != self._version:
+            lists: dict[str, list[int]] = {}
+            for c in self.chunks.values():
+                for d in c.departments:
+                    lists.setdefault(d, []).append(c.id)
+            by_dept = {d: np.sort(np.asarray(ids, dtype=np.int64)) for d, ids in lists.items()}
+            self._dept_ids = (self._version, by_dept)
+            self._allowed.clear()
+        return by_dept
 
     def find_documents(self, pattern: str, departments: Iterable[str] | None = None) -> list[str]:
         """Keys of the documents `pattern` names, readable by one of `departments` when given.
@@ -209,7 +239,7 @@ class DocumentIndex:
             return
         start = int(self.manifest["next_id"])
         ids = np.arange(start, start + len(chunks), dtype=np.int64)
-        self.faiss.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        self.dense.add(vectors, ids)
         for i, c in zip(ids.tolist(), chunks):
             stored = StoredChunk(id=i, **asdict(c))
             stored.doc = stored.doc or stored.source
@@ -221,7 +251,7 @@ class DocumentIndex:
         """Remove one document (by key) and its chunks; return how many chunks went."""
         ids = [c.id for c in self.chunks.values() if c.doc == key]
         if ids:
-            self.faiss.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64)))
+            self.dense.remove(np.asarray(ids, dtype=np.int64))
             for i in ids:
                 del self.chunks[i]
             self._version += 1
@@ -286,7 +316,7 @@ class DocumentIndex:
             "files": {},
             "next_id": 0,
         }
-        index = cls(root, name, manifest, faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim))), [])
+        index = cls(root, name, manifest, DenseIndex.flat(dim), [])
         index.set_index_type(index_type)
         return index
 
@@ -331,11 +361,13 @@ class DocumentIndex:
             raise _damaged(name, f"{snap_id}/dense.faiss is not a FAISS index") from None
         if index.ntotal != len(chunks):
             raise _damaged(name, f"{index.ntotal} vectors but {len(chunks)} chunks in {snap_id}")
-        ids = set(faiss.vector_to_array(index.id_map).tolist()) if hasattr(index, "id_map") else None
-        if ids is not None and ids != {c.id for c in chunks}:
+        if not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIVFFlat)) or index.d != manifest["embedder"]["dim"]:
+            raise _damaged(name, f"{snap_id}/dense.faiss is not a structure ragpt writes for this embedder")
+        dense = DenseIndex.wrap(index, manifest.get("dense"))
+        if set(dense.ids().tolist()) != {c.id for c in chunks}:
             raise _damaged(name, f"the vectors' ids and the chunks' ids differ in {snap_id}")
         upgrade_format_1(manifest, chunks)
-        return cls(root, name, manifest, index, chunks)
+        return cls(root, name, manifest, dense, chunks)
 
     def save(self) -> Path:
         """Write a new snapshot and make it current; return its folder.
@@ -349,7 +381,10 @@ class DocumentIndex:
         tmp = self.path / f".tmp-{snap_id}"
         tmp.mkdir()
         try:
-            faiss.write_index(self.faiss, str(tmp / "dense.faiss"))
+            requested = self.manifest.get("dense", {}).get("requested", "auto")
+            self.dense = self.dense.fitted(requested)  # builds or retrains the structure when due
+            self.manifest["dense"] = {"requested": requested, **self.dense.meta()}
+            faiss.write_index(self.dense.index, str(tmp / "dense.faiss"))
             fsync_path(tmp / "dense.faiss")  # the other files are written by ragpt.atomic, which fsyncs
             ordered = sorted(self.chunks.values(), key=lambda c: c.id)
             lines = [json.dumps(asdict(c), ensure_ascii=False) for c in ordered]
@@ -456,6 +491,9 @@ def _read_manifest(path: Path, snap_id: str, name: str) -> dict:
     bad = sorted(k for k, t in _MANIFEST_KEYS.items() if not isinstance(manifest.get(k), t))
     if bad:
         raise _damaged(name, f"{rel} lacks or has a wrong type for {', '.join(bad)}")
+    dense = manifest.get("dense", {})
+    if not isinstance(dense, dict) or dense.get("requested", "auto") not in INDEX_TYPES:
+        raise _damaged(name, f"{rel} has an invalid dense section")
     emb = manifest["embedder"]
     if not isinstance(emb.get("name"), str) or not isinstance(emb.get("dim"), int):
         raise _damaged(name, f"{rel} has no valid embedder name and dim")

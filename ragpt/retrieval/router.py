@@ -1,7 +1,7 @@
 """Department routing for `auto` requests: which department's documents is a query nearest to?
 
 Each department is represented by unit vectors in the embedder's space: the embeddings of the
-chunks it may read (read back from FAISS, IndexIDMap2 reconstructs by id, so nothing is
+chunks it may read (read back from FAISS by id, so nothing is
 re-embedded), or of example questions when the department supplies them. Two scores:
 
 - "nearest" (default): the mean cosine similarity of the query to the department's `top_m`
@@ -82,7 +82,7 @@ def chunk_vectors(index: DocumentIndex, department: str) -> np.ndarray:
     ids = index.allowed_ids(department)
     if len(ids) == 0:
         raise UnknownDepartmentError(f"department {department!r} has no chunks in index {index.name!r}")
-    return np.stack([index.faiss.reconstruct(int(i)) for i in ids]).astype(np.float32)
+    return index.dense.vectors(ids)
 
 
 class DepartmentRouter:

@@ -1,7 +1,7 @@
 """Department-scoped hybrid retrieval: dense FAISS + BM25 (bm25s), fused by reciprocal rank.
 
 Isolation is enforced *inside* both searches: FAISS gets an IDSelector of the chunks the
-department may read, and BM25 scores are masked to the same ids before ranking. So a
+department may read (ragpt.retrieval.dense), and BM25 scores are masked to the same ids before ranking. So a
 department always gets its own top-k, however rare its chunks are in a shared index, and
 never sees another department's chunk.
 """
@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import bm25s
-import faiss
 import numpy as np
 
 from ragpt.errors import EmptyQuestionError
@@ -130,7 +129,8 @@ class Retriever:
 
     def _search_one(self, question, department, k, filters, qvec, mode) -> list[RetrievedChunk]:
         use_dense, use_bm25, rrf_k = mode
-        allowed = self.index.allowed_ids(department, filters)
+        allowed_set = self.index.allowed(department, filters)
+        allowed = allowed_set.ids
         if len(allowed) == 0:
             return []
         # Candidates per ranker before fusion: deep enough that RRF can reorder them.
@@ -138,9 +138,7 @@ class Retriever:
         dense_hits: list[tuple[int, float]] = []
         bm25_hits: list[tuple[int, float]] = []
         if use_dense:
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-            scores, ids = self.index.faiss.search(qvec, n_cand, params=params)
-            dense_hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+            dense_hits = self.index.dense.search(qvec, n_cand, allowed_set)
         if use_bm25:
             bm = self._bm25_index()
             all_scores = bm.scores(question)

@@ -21,6 +21,7 @@ Example (`serve.toml`; relative paths are relative to this file):
     [batching]
     max_batch_size = 8
     max_wait_ms = 5
+    prefix_cache_size = 64        # soft-prompt prefixes (and prompt tensors) held at once
 
     [limits]
     max_tokens = 512
@@ -137,6 +138,10 @@ class BatchingConfig(_Strict):
     max_queue: int = Field(64, ge=1)
     policy: Literal["mixed", "per_department"] = "mixed"  # static only
     prefix_cache: bool = True
+    # Soft-prompt prefixes (KV) held at once, least recently used out; also how many departments'
+    # prompt tensors stay loaded. Memory is bounded by it however many departments there are; a
+    # department beyond it computes its prefix again at its next request.
+    prefix_cache_size: int = Field(64, ge=1, le=100_000)
 
 
 class LimitsConfig(_Strict):

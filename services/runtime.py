@@ -4,23 +4,37 @@ Everything HTTP-free lives here, so the routes in `ragpt_service.app` stay thin:
 and prompt version a `model` string names, `auto` routing, submission with admission
 (`ragpt_service.admission`: a request is taken only if it is expected to finish in its timeout),
 the requests being answered and the service's measured speed.
+
+Many departments (a thousand) cost start-up and memory in proportion to what is used, not to what
+is configured: start-up opens each index once and checks every department against one set of its
+departments; no prompt version is loaded or verified until a request uses it (then its checksums
+are checked: `PromptRegistry.load`); at most `[batching] prefix_cache_size` versions stay loaded and
+as many prefixes cached (least recently used out); resolving a request's version and `GET /v1/models`
+read the registry's replayed log, never a version's files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
+from collections import OrderedDict
+
+import torch
 
 from ragpt.config import Settings
+from ragpt.errors import SoftPromptError
 from ragpt.lm.generator import Generator, load_generator
 from ragpt.lm.models import Embedder, load_embedder
 from ragpt.retrieval.index import DocumentIndex
 from ragpt.retrieval.router import DepartmentRouter, chunk_vectors
+from ragpt.serving.contract import InputContract
 from ragpt.serving.pipeline import Pipeline
 from ragpt.serving.request import ChatRequest, Turn
 from ragpt.serving.scheduler import BatcherStopped, ChatJob, ContinuousBatcher, MicroBatcher, Overloaded, Ticket
-from ragpt.softprompts.registry import PromptRegistry, UnknownPromptDepartmentError
+from ragpt.softprompts.registry import PromptRegistry, RegistryDamagedError, UnknownPromptDepartmentError
 from ragpt_service.admin import AdminAuth
 from ragpt_service.admission import Estimate, Live, ServiceRate, estimate, full_queue_retry_after_s, retry_after_s
 from ragpt_service.auth import KeyRing
@@ -39,27 +53,115 @@ def service_settings(config: ServiceConfig, settings: Settings) -> Settings:
     return settings.model_copy(update=updates)
 
 
+def _check_department(index: DocumentIndex, known: frozenset[str], dept: str) -> None:
+    """index.check_department(dept) against the index's departments computed once: the index
+    derives its department list from every chunk on each call, so checking a thousand departments
+    one call each cost a thousand passes over the chunks at start-up. The index raises the error."""
+    if dept not in known:
+        index.check_department(dept)
+
+
 def config_problems(config: ServiceConfig, settings: Settings) -> list[str]:
     """What keeps a config from working, found without loading a model: each index must open (its
     checksums pass) and hold its departments' documents. Empty when the config can work."""
     s = service_settings(config, settings)
     problems: list[str] = []
-    opened: dict[str, DocumentIndex | None] = {}
+    opened: dict[str, tuple[DocumentIndex, frozenset[str]] | None] = {}
     for dept in config.departments:
         name = config.index_of(dept)
         if name not in opened:
             try:
-                opened[name] = DocumentIndex.open(s.index_dir, name)
+                index = DocumentIndex.open(s.index_dir, name)
+                opened[name] = (index, frozenset(index.departments))
             except Exception as e:
                 opened[name] = None
                 problems.append(str(e))
-        index = opened[name]
-        if index is not None:
+        if opened[name] is not None:
             try:
-                index.check_department(dept)
+                _check_department(*opened[name], dept)
             except Exception as e:
                 problems.append(str(e))
     return problems
+
+
+def prompt_unavailable(department: str, version: str, why: str) -> ApiError:
+    return ApiError(503, f"the soft prompt {department} {version} cannot be served: {why}; an administrator "
+                         f"must restore or roll back that version (model {quote(department + '@none')} answers "
+                         "without it)", code="prompt_unavailable", param="model")
+
+
+class ServicePipeline(Pipeline):
+    """The service's pipeline of one index: `Pipeline`, with the prompt versions it holds bounded.
+
+    `Pipeline` keeps every version it ever loaded, and resolving the active version lists the
+    registry's folders; with a thousand departments that is every department's tensor in memory
+    (1.4 MB a deep prompt for SmolLM2), whatever the prefix cache's bound, and a directory listing
+    per request. Here at most `max_prompts` versions stay loaded (least recently used out, the
+    same bound as the generator's prefix cache), the active version comes from the registry's
+    replayed log (`active_version_or_none`), and a version that fails its checks when it is
+    loaded (checksum, shape, base model; verified at first use, not at start-up) is a 503
+    `prompt_unavailable` for the requests that use it, naming it, while every other department
+    is answered as before. It is not kept: a restored file is served at the next request.
+    """
+
+    def __init__(self, *args, max_prompts: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        if max_prompts < 1:
+            raise ValueError("max_prompts must be at least 1")
+        self.max_prompts = max_prompts
+        self._loaded: OrderedDict[tuple[str, str], tuple[torch.Tensor, InputContract]] = OrderedDict()
+        self._loaded_lock = threading.Lock()
+
+    @property
+    def loaded_prompts(self) -> list[tuple[str, str]]:
+        """(department, version) of the prompt tensors held now, least recently used first."""
+        with self._loaded_lock:
+            return list(self._loaded)
+
+    def resolve(self, department: str, prompt: str = "active") -> tuple[torch.Tensor | None, str | None,
+                                                                        InputContract]:
+        """What `Pipeline.resolve` returns: (tensor, version, input contract), or no prompt."""
+        if prompt in (None, "none"):
+            return None, None, self.default_contract
+        version = prompt
+        try:
+            if prompt == "active":
+                version = self.registry.active_version_or_none(department)
+                if version is None:
+                    return None, None, self.default_contract
+            key = (department, version)
+            with self._loaded_lock:
+                hit = self._loaded.get(key)
+                if hit is not None:
+                    self._loaded.move_to_end(key)
+                    return hit[0], version, hit[1]
+            tensor, contract = self._load(department, version)
+        except (SoftPromptError, RegistryDamagedError) as e:
+            why = self._without_root(str(e))
+            log.error("department %s: prompt version %s cannot be served: %s", department, version, why)
+            raise prompt_unavailable(department, version or "(active)", why) from e
+        with self._loaded_lock:
+            self._loaded[key] = (tensor, contract)
+            self._loaded.move_to_end(key)
+            while len(self._loaded) > self.max_prompts:
+                self._loaded.popitem(last=False)
+        return tensor, version, contract
+
+    def _load(self, department: str, version: str) -> tuple[torch.Tensor, InputContract]:
+        """The version validated as `Pipeline.resolve` loads it (checksums, shape, base model)."""
+        from ragpt.softprompts.artifact import base_model_fingerprint
+
+        gen = self.generator
+        sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(gen.base_model),
+                                hidden_size=gen.hidden_size, max_depth=gen.max_prompt_depth)
+        return sp.tensor, InputContract.from_prompt_meta(sp.meta)
+
+    def _without_root(self, message: str) -> str:
+        """An artifact error names files by their server path; clients see them relative to the registry."""
+        root = self.registry.root
+        for prefix in {str(root), str(root.resolve())}:
+            message = message.replace(prefix + os.sep, "")
+        return message
 
 
 def model_not_found(model: str) -> ApiError:
@@ -98,13 +200,19 @@ class ServiceRuntime:
             # Embedder.encode serialises its calls itself.
             embedder = self._embedder or load_embedder(s)
             generator = self._generator or load_generator(s)
-            by_index: dict[str, Pipeline] = {}
+            b = cfg.batching
+            # The service's bound on held prefixes (the generator's default is 64 entries).
+            generator.prefix_cache.resize(b.prefix_cache_size)
+            by_index: dict[str, ServicePipeline] = {}
+            known: dict[str, frozenset[str]] = {}
             for dept in cfg.departments:
                 name = cfg.index_of(dept)
                 if name not in by_index:
-                    by_index[name] = Pipeline(DocumentIndex.open(s.index_dir, name), s, embedder=embedder,
-                                              generator=generator, prefix_cache=cfg.batching.prefix_cache)
-                by_index[name].index.check_department(dept)
+                    by_index[name] = ServicePipeline(DocumentIndex.open(s.index_dir, name), s, embedder=embedder,
+                                                     generator=generator, prefix_cache=b.prefix_cache,
+                                                     max_prompts=b.prefix_cache_size)
+                    known[name] = frozenset(by_index[name].index.departments)
+                _check_department(by_index[name].index, known[name], dept)
                 self.pipelines[dept] = by_index[name]
             for pipe in by_index.values():
                 _ = pipe.retriever  # checks the index's embedder matches
@@ -116,7 +224,6 @@ class ServiceRuntime:
                 rc = cfg.router
                 self.router = DepartmentRouter(embedder, vectors, method=rc.method, top_m=rc.top_m,
                                                temperature=rc.temperature)
-            b = cfg.batching
             if b.scheduler == "continuous":
                 self.batcher = ContinuousBatcher(generator, max_batch_size=b.max_batch_size, max_queue=b.max_queue,
                                                  max_prefill_tokens=b.max_prefill_tokens,
@@ -169,7 +276,7 @@ class ServiceRuntime:
     def _check_version(self, dept: str, version: str) -> str:
         """Only approved (or active) versions are served; drafts are not reviewed yet."""
         try:
-            states = {r["version"]: r["state"] for r in self.registry_for(dept).versions(dept)}
+            states = self.registry_for(dept).states(dept)  # the log alone: no version file is read
         except UnknownPromptDepartmentError:
             states = {}
         state = states.get(version)
@@ -187,9 +294,10 @@ class ServiceRuntime:
             row = {"id": dept, "object": "model", "created": int(self.started), "owned_by": "ragpt",
                    "department": dept, "active_prompt_version": None, "prompt_versions": []}
             try:
-                rows = self.registry_for(dept).versions(dept)
-                row["active_prompt_version"] = next((r["version"] for r in rows if r["state"] == "active"), None)
-                row["prompt_versions"] = [r["version"] for r in rows if r["state"] in ("approved", "active")]
+                # From the replayed log alone: reading each version's meta.json made this O(versions) file reads.
+                states = self.registry_for(dept).states(dept)
+                row["active_prompt_version"] = next((v for v, st in states.items() if st == "active"), None)
+                row["prompt_versions"] = [v for v, st in states.items() if st in ("approved", "active")]
             except UnknownPromptDepartmentError:
                 pass  # no soft prompts: answered without one
             except Exception as e:  # a damaged registry: listed without versions, the log says why

@@ -122,16 +122,26 @@ class PrefixCache:
     Registry versions are immutable, so a key names one tensor for good; the tensor is still
     compared on every hit (it is small) so that reusing a key for another tensor recomputes
     instead of silently serving the old prefix. Thread-safe.
+
+    At most `max_entries` prefixes are held (`resize` changes the bound, e.g. the service's
+    `[batching] prefix_cache_size`): with a thousand departments their KV would not fit, so memory
+    stays bounded by the entries held, and a department whose prefix was evicted computes it
+    again at its next request (one miss). `hits`, `misses` and `evictions` count what happened.
     """
 
     def __init__(self, max_entries: int = 64):
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self.max_entries = max_entries
+        self.max_entries = self._checked(max_entries)
         self._entries: OrderedDict[Hashable, PrefixKV] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
+
+    @staticmethod
+    def _checked(max_entries: int) -> int:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be an integer of at least 1, got {max_entries!r}")
+        return max_entries
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -142,6 +152,17 @@ class PrefixCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def resize(self, max_entries: int) -> None:
+        """Hold at most `max_entries` from now on; the least recently used beyond it go now."""
+        with self._lock:
+            self.max_entries = self._checked(max_entries)
+            self._evict()
+
+    def _evict(self) -> None:  # holding the lock
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+            self.evictions += 1
 
     def get(self, key: Hashable, soft_prompt: torch.Tensor, compute) -> PrefixKV:
         """The cached prefix for `key`, or `compute(soft_prompt)` stored under it."""
@@ -158,8 +179,7 @@ class PrefixCache:
             self.misses += 1
             self._entries[key] = entry
             self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._evict()
         return entry
 
 

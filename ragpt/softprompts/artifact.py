@@ -38,10 +38,14 @@ from ragpt.errors import SoftPromptError
 from ragpt.softprompts.audit_log import utc_now
 from ragpt.softprompts.deep import prompt_depth
 
+# meta.json is read and checked by the registry module, which imports no torch (listing versions
+# reads every meta.json and must not pay for torch); the names stay importable from here.
+from ragpt.softprompts.registry import ARTIFACT_FORMAT_VERSION, META_FILE, read_meta  # noqa: F401
+from ragpt.softprompts.registry import read_json_object as _read_json_object
+
 FORMAT = "ragpt.softprompts.artifact"
-FORMAT_VERSION = 2  # the newest this code reads; plain prompts are still written as 1
+FORMAT_VERSION = ARTIFACT_FORMAT_VERSION  # the newest this code reads; plain prompts are still written as 1
 TENSOR_FILE = "prompt.safetensors"
-META_FILE = "meta.json"
 TENSOR_KEY = "prompt"
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -243,43 +247,6 @@ class SoftPrompt:
             raise SoftPromptError(f"{tensor_path}: deep prompt of depth {depth}, but the model has {max_depth} layers")
         t = _check_tensor(t, str(tensor_path))
         return cls(tensor=t.to(torch.float32).contiguous(), meta=meta)
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or SoftPromptError naming the file and what is wrong."""
-    if not path.is_file():
-        raise SoftPromptError(f"{path}: missing")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SoftPromptError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise SoftPromptError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def read_meta(folder: Path | str) -> dict[str, Any]:
-    """meta.json of a prompt folder, checked for the keys `load` relies on (no tensor read)."""
-    path = Path(folder) / META_FILE
-    meta = _read_json_object(path)
-    fv = meta.get("format_version", 1)  # files from before the field existed were format 1
-    if not isinstance(fv, int) or isinstance(fv, bool):
-        raise SoftPromptError(f"{path}: format_version {fv!r} is not an integer")
-    if fv > FORMAT_VERSION:
-        raise SoftPromptError(
-            f"{path}: format_version {meta['format_version']} is newer than this ragpt "
-            f"understands ({FORMAT_VERSION}); upgrade ragpt"
-        )
-    for key, typ in (("n_tokens", int), ("hidden_size", int), ("sha256", str),
-                     ("department", str), ("base_model_fingerprint", str)):
-        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
-            raise SoftPromptError(f"{path}: field {key!r} missing or not a {typ.__name__}")
-    depth = meta.get("depth", 1)
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise SoftPromptError(f"{path}: field 'depth' {depth!r} is not a positive integer")
-    if depth > 1 and fv < 2:
-        raise SoftPromptError(f"{path}: a deep prompt (depth {depth}) needs format_version 2, not {fv}")
-    return meta
 
 
 def _read_single_tensor(data: bytes, path: Path, key: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ This module imports no torch: the registry's life-cycle changes run without it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -46,28 +47,52 @@ class LogContents:
     line_numbers: list[int]  # of each record, from 1
     committed_bytes: int  # up to and including the last newline
     torn_bytes: int  # after it: an append a crash cut short
+    lines: int = 0  # complete lines (blank ones included), so a later read numbers on from here
+    digest: bytes = b""  # sha256 of the committed bytes: a later read checks they are still there
+    carried: int = 0  # records taken over unparsed from the read this one extended (read_log's `after`)
 
 
-def read_log(path: Path) -> LogContents:
-    """Every complete line of the log, in order. A damaged complete line raises AuditLogError."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return LogContents([], [], 0, 0)
-    end = data.rfind(b"\n") + 1
+def _parse_lines(data: bytes, first_line: int, name: str) -> tuple[list[dict[str, Any]], list[int], int]:
+    """Records and their line numbers in `data` (complete lines only), numbering from `first_line`."""
     records, numbers = [], []
-    for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+    lines = data.split(b"\n")[:-1]
+    for n, line in enumerate(lines, first_line):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise AuditLogError(f"{Path(path).name} line {n}: not valid JSON ({e.__class__.__name__})") from e
+            raise AuditLogError(f"{name} line {n}: not valid JSON ({e.__class__.__name__})") from e
         if not isinstance(rec, dict) or not isinstance(rec.get("department"), str):
-            raise AuditLogError(f"{Path(path).name} line {n}: not an audit record")
+            raise AuditLogError(f"{name} line {n}: not an audit record")
         records.append(rec)
         numbers.append(n)
-    return LogContents(records, numbers, end, len(data) - end)
+    return records, numbers, len(lines)
+
+
+def read_log(path: Path, after: LogContents | None = None) -> LogContents:
+    """Every complete line of the log, in order. A damaged complete line raises AuditLogError.
+
+    With `after` (an earlier read of the same file) only the lines appended since are parsed, when
+    the bytes `after` read are still the file's first bytes (checked by their sha256); otherwise
+    (the file was edited, replaced or cut) it is read whole. A registry with a thousand departments
+    has thousands of lines, and every change re-reads the log under the lock: parsing only the new
+    lines keeps a change from costing a parse of the whole history.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return LogContents([], [], 0, 0)
+    end = data.rfind(b"\n") + 1
+    view = memoryview(data)
+    if after is not None and after.digest and after.committed_bytes <= end and \
+            hashlib.sha256(view[:after.committed_bytes]).digest() == after.digest:
+        records, numbers, lines = _parse_lines(data[after.committed_bytes:end], after.lines + 1, path.name)
+        return LogContents(after.records + records, after.line_numbers + numbers, end, len(data) - end,
+                           after.lines + lines, hashlib.sha256(view[:end]).digest(), len(after.records))
+    records, numbers, lines = _parse_lines(data[:end], 1, path.name)
+    return LogContents(records, numbers, end, len(data) - end, lines, hashlib.sha256(view[:end]).digest())
 
 
 def append_record(path: Path, record: dict[str, Any], contents: LogContents) -> None:
@@ -135,18 +160,31 @@ class Replayed:
     damaged: dict[str, str]  # department -> why its lines cannot be replayed
 
 
-def replay(contents: LogContents) -> Replayed:
+def replay(contents: LogContents, base: Replayed | None = None) -> Replayed:
     """The state of every department that the log holds, from its format-2 lines.
 
     A line that records a change which cannot have happened (approving a version never
     registered, an activation whose "from" is not the active version) damages its department
     only: the others replay on.
+
+    `base`, the replay of the read that `contents` extended (`contents.carried` records), is
+    carried forward and only the new records are applied; `base` itself is left as it was (the
+    departments the new records change are copied first), so a state handed out earlier never
+    changes under its reader.
     """
-    out = Replayed({}, {})
-    for rec, n in zip(contents.records, contents.line_numbers):
+    if base is None or not contents.carried:
+        out, start = Replayed({}, {}), 0
+    else:
+        out, start = Replayed(dict(base.states), dict(base.damaged)), contents.carried
+    copied: set[str] = set()
+    for rec, n in zip(contents.records[start:], contents.line_numbers[start:]):
         dept = rec["department"]
         if rec.get("format") != LOG_FORMAT or dept in out.damaged:
             continue  # a line from before the log was the source of truth is trail only
+        if dept not in copied:
+            if dept in out.states and start:
+                out.states[dept] = copy.deepcopy(out.states[dept])
+            copied.add(dept)
         try:
             _apply(out.states.setdefault(dept, empty_state()), rec)
         except AuditLogError as e:

@@ -17,10 +17,17 @@ Rollback undoes the latest activation that is still in force: activations form a
 Crash safety: a change is one line appended to the log and fsynced, under one FileLock over the
 registry. Registering first writes the version folder (temp folder + rename) and then the line,
 so a crash leaves either a complete registered version or an unregistered folder whose number is
-never reused. The next change removes temp folders and files that killed writers left.
+never reused. The next change removes the temp files that killed writers left in the registry's
+folder, and the next change of a department the temp folders and files left in its folder.
 
-Readers take no lock: they replay the log (cached until the file changes) and ignore a torn last
-line; version folders are immutable once registered.
+Readers take no lock: they replay the log (cached until the file changes; a change of the file
+parses only the lines appended since) and ignore a torn last line; version folders are immutable
+once registered.
+
+Scale: what a request needs (the active version, a version's state) comes from the replayed log
+alone, without listing folders or reading version files (`active_version_or_none`, `states`);
+`versions` reads each version's meta.json (the listing shows provenance) but never a tensor, and
+imports no torch. Checksums are verified when a version is loaded (`load`), at its first use.
 
 Registries from before the log was the state kept it in <dept>/state.json. Such a department is
 read from state.json until its next change, which first appends a "migrate" line carrying that
@@ -67,6 +74,9 @@ LOCK_FILE = ".registry.lock"
 LOCK_TIMEOUT_S = 60.0
 VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 META_FILE = "meta.json"  # artifact.META_FILE, not imported from there so that torch stays unloaded
+# The newest artifact format this code reads (artifact.FORMAT_VERSION is this number): meta.json is
+# read and checked here, without torch, so that listing a thousand versions costs no torch import.
+ARTIFACT_FORMAT_VERSION = 2
 
 
 class RegistryError(RagptError):
@@ -100,6 +110,44 @@ class NoActivePromptError(RegistryError):
 def _version_number(v: str) -> int:
     m = VERSION_RE.match(v)
     return int(m.group(1)) if m else 0
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or SoftPromptError naming the file and what is wrong."""
+    if not path.is_file():
+        raise SoftPromptError(f"{path}: missing")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SoftPromptError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise SoftPromptError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_meta(folder: Path | str) -> dict[str, Any]:
+    """meta.json of a prompt folder, checked for the keys `SoftPrompt.load` relies on (no tensor
+    read, no torch import; `ragpt.softprompts.artifact.read_meta` is this function)."""
+    path = Path(folder) / META_FILE
+    meta = read_json_object(path)
+    fv = meta.get("format_version", 1)  # files from before the field existed were format 1
+    if not isinstance(fv, int) or isinstance(fv, bool):
+        raise SoftPromptError(f"{path}: format_version {fv!r} is not an integer")
+    if fv > ARTIFACT_FORMAT_VERSION:
+        raise SoftPromptError(
+            f"{path}: format_version {meta['format_version']} is newer than this ragpt "
+            f"understands ({ARTIFACT_FORMAT_VERSION}); upgrade ragpt"
+        )
+    for key, typ in (("n_tokens", int), ("hidden_size", int), ("sha256", str),
+                     ("department", str), ("base_model_fingerprint", str)):
+        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
+            raise SoftPromptError(f"{path}: field {key!r} missing or not a {typ.__name__}")
+    depth = meta.get("depth", 1)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise SoftPromptError(f"{path}: field 'depth' {depth!r} is not a positive integer")
+    if depth > 1 and fv < 2:
+        raise SoftPromptError(f"{path}: a deep prompt (depth {depth}) needs format_version 2, not {fv}")
+    return meta
 
 
 def _is_temp(p: Path) -> bool:
@@ -137,19 +185,24 @@ class PromptRegistry:
                 f"registry {self.root} is busy: could not lock {LOCK_FILE} in {LOCK_TIMEOUT_S:.0f} s"
             ) from e
 
-    def _log(self) -> tuple[LogContents, Replayed]:
-        """The log and the state it implies, re-read only when the file changed."""
+    def _log(self, *, reread: bool = False) -> tuple[LogContents, Replayed]:
+        """The log and the state it implies, re-read only when the file changed (or `reread`:
+        under the lock, where a change by another process must be seen even if it left the
+        file's size and time as they were). A re-read parses and replays only the lines appended
+        since the last read when the earlier bytes are unchanged (`read_log`'s `after`)."""
         try:
             st = os.stat(self.log_path)
             key = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             key = (0, 0, 0)
-        if self._cache is None or self._cache[0] != key:
+        if reread or self._cache is None or self._cache[0] != key:
+            # A new file (another inode: replaced, or deleted and recreated) is read whole.
+            prev = self._cache if self._cache is not None and self._cache[0][0] == key[0] else None
             try:
-                contents = read_log(self.log_path)
+                contents = read_log(self.log_path, after=prev[1] if prev else None)
             except AuditLogError as e:
                 raise RegistryDamagedError(f"the registry's {e}") from e
-            self._cache = (key, contents, replay(contents))
+            self._cache = (key, contents, replay(contents, base=prev[2] if prev else None))
         return self._cache[1], self._cache[2]
 
     def _legacy_state(self, dept: str) -> dict[str, Any] | None:
@@ -182,9 +235,14 @@ class PromptRegistry:
             )
         return empty_state()
 
-    def _clean_leftovers(self) -> None:
-        """Remove what killed writers left (under the lock, so no live writer owns any of it)."""
-        for folder in [self.root, *(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+    def _clean_leftovers(self, dept: str) -> None:
+        """Remove what killed writers left in the registry's folder and in `dept`'s (under the lock,
+        so no live writer owns any of it). Only the changed department's folder is searched: with
+        a thousand departments, listing every folder on every change made each change cost as
+        much as all departments together. A killed registration leaves its temp folder in its own
+        department, whose next change (the only one that picks a version number there) removes it."""
+        dept_dir = self._dept_dir(dept)
+        for folder in [self.root, *([dept_dir] if dept_dir.is_dir() else [])]:
             for p in folder.iterdir():
                 if p.name != LOCK_FILE and _is_temp(p):
                     if p.is_dir():
@@ -198,9 +256,8 @@ class PromptRegistry:
         """Lock, clean up, adopt a legacy department, and hand out its state and a `commit`
         that appends one record (the change happens exactly when its line is on disk)."""
         with self._locked():
-            self._clean_leftovers()
-            self._cache = None  # re-read under the lock: another process may have written
-            contents, replayed = self._log()
+            self._clean_leftovers(dept)
+            contents, replayed = self._log(reread=True)  # under the lock: another process may have written
             logged = dept in replayed.states or dept in replayed.damaged
             legacy = None if logged else self._legacy_state(dept)
             if logged:  # a migration that was killed before it removed the old file
@@ -210,8 +267,7 @@ class PromptRegistry:
             def commit(record: dict[str, Any]) -> None:
                 nonlocal contents
                 append_record(self.log_path, {"format": LOG_FORMAT, "time": utc_now(), **record}, contents)
-                self._cache = None
-                contents = self._log()[0]
+                contents = self._log(reread=True)[0]
 
             if legacy is not None:
                 commit({"action": "migrate", "department": dept, "version": legacy["active"],
@@ -410,6 +466,22 @@ class PromptRegistry:
     def active_version(self, dept: str) -> str | None:
         return self._state(dept)["active"]
 
+    def active_version_or_none(self, dept: str) -> str | None:
+        """The active version, or None when the department has none or no soft prompts at all.
+
+        `active_version(d) if d in departments() else None` without listing the registry's
+        folders: the log's replay (and, for a department not in the log, one look for its legacy
+        state.json) answers it, whatever the number of departments. A damaged department still
+        raises RegistryDamagedError."""
+        return self._state(dept, must_exist=False)["active"]
+
+    def states(self, dept: str) -> dict[str, str]:
+        """Version -> "draft", "approved" or "active", oldest first, from the log alone (no version
+        file is read): what serving needs to tell which versions it may serve."""
+        state = self._state(dept)
+        return {v: "active" if state["active"] == v else state["versions"][v]["state"]
+                for v in sorted(state["versions"], key=_version_number)}
+
     def load(
         self,
         dept: str,
@@ -451,8 +523,6 @@ class PromptRegistry:
 
     def versions(self, dept: str) -> list[dict[str, Any]]:
         """One row per version, oldest first: version, state (draft/approved/active), provenance."""
-        from ragpt.softprompts.artifact import read_meta
-
         state = self._state(dept)
         rows = []
         for v in sorted(state["versions"], key=_version_number):

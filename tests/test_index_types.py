@@ -163,3 +163,13 @@ def test_an_ivf_index_of_the_sample_corpus_retrieves_what_the_flat_one_does(samp
         for ra, rb in zip(a, b):
             assert [r.chunk.id for r in ra] == [r.chunk.id for r in rb]
             assert np.allclose([r.dense_score or 0 for r in ra], [r.dense_score or 0 for r in rb], atol=1e-5)
+
+
+def test_top_indices_is_the_stable_full_sort_ties_included():
+    from ragpt.retrieval.search import top_indices
+
+    rng = np.random.default_rng(0)
+    for scores in (rng.integers(0, 5, 1000).astype(np.float32), rng.standard_normal(1000).astype(np.float32),
+                   np.zeros(1000, dtype=np.float32), rng.standard_normal(30).astype(np.float32)):
+        for n in (1, 7, 20):
+            assert top_indices(scores, n).tolist() == np.argsort(-scores, kind="stable")[:n].tolist()

@@ -32,7 +32,7 @@ RETRAIN_FACTOR = 4
 # ivf search: at least NPROBE_MIN lists, and enough lists to meet about MIN_MEMBERS of the
 # department's chunks when they are spread evenly over the lists.
 NPROBE_MIN = 32
-MIN_MEMBERS = 256
+MIN_MEMBERS = 1024
 # A department with at most this many chunks is scored exactly from its own vectors.
 EXACT_MAX = 2048
 TRAIN_POINTS_PER_LIST = 40

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -34,7 +33,7 @@ from ragpt.serving.contract import InputContract
 from ragpt.serving.pipeline import Pipeline
 from ragpt.serving.request import ChatRequest, Turn
 from ragpt.serving.scheduler import BatcherStopped, ChatJob, ContinuousBatcher, MicroBatcher, Overloaded, Ticket
-from ragpt.softprompts.registry import PromptRegistry, RegistryDamagedError, UnknownPromptDepartmentError
+from ragpt.softprompts.registry import PromptRegistry, UnknownPromptDepartmentError
 from ragpt_service.admin import AdminAuth
 from ragpt_service.admission import Estimate, Live, ServiceRate, estimate, full_queue_retry_after_s, retry_after_s
 from ragpt_service.auth import KeyRing
@@ -84,10 +83,13 @@ def config_problems(config: ServiceConfig, settings: Settings) -> list[str]:
     return problems
 
 
-def prompt_unavailable(department: str, version: str, why: str) -> ApiError:
-    return ApiError(503, f"the soft prompt {department} {version} cannot be served: {why}; an administrator "
-                         f"must restore or roll back that version (model {quote(department + '@none')} answers "
-                         "without it)", code="prompt_unavailable", param="model")
+def prompt_unavailable(department: str, version: str) -> ApiError:
+    """A version that failed its checks at load: named, so the client knows what is unavailable and
+    how to ask without it; the file and the reason go to the server log only (as for a 500)."""
+    return ApiError(503, f"the soft prompt {department} {version} failed its integrity checks when it was loaded "
+                         "and is not served (the server log says why); an administrator must restore or roll back "
+                         f"that version. Model {quote(department + '@none')} answers without it",
+                    code="prompt_unavailable", param="model")
 
 
 class ServicePipeline(Pipeline):
@@ -101,7 +103,8 @@ class ServicePipeline(Pipeline):
     replayed log (`active_version_or_none`), and a version that fails its checks when it is
     loaded (checksum, shape, base model; verified at first use, not at start-up) is a 503
     `prompt_unavailable` for the requests that use it, naming it, while every other department
-    is answered as before. It is not kept: a restored file is served at the next request.
+    is answered as before. It is not kept: a restored file is served at the next request. (A
+    damaged audit log stays what it was, a 500: it is not one version's problem.)
     """
 
     def __init__(self, *args, max_prompts: int, **kwargs):
@@ -124,22 +127,22 @@ class ServicePipeline(Pipeline):
         if prompt in (None, "none"):
             return None, None, self.default_contract
         version = prompt
+        if prompt == "active":
+            version = self.registry.active_version_or_none(department)
+            if version is None:
+                return None, None, self.default_contract
+        key = (department, version)
+        with self._loaded_lock:
+            hit = self._loaded.get(key)
+            if hit is not None:
+                self._loaded.move_to_end(key)
+                return hit[0], version, hit[1]
         try:
-            if prompt == "active":
-                version = self.registry.active_version_or_none(department)
-                if version is None:
-                    return None, None, self.default_contract
-            key = (department, version)
-            with self._loaded_lock:
-                hit = self._loaded.get(key)
-                if hit is not None:
-                    self._loaded.move_to_end(key)
-                    return hit[0], version, hit[1]
             tensor, contract = self._load(department, version)
-        except (SoftPromptError, RegistryDamagedError) as e:
-            why = self._without_root(str(e))
-            log.error("department %s: prompt version %s cannot be served: %s", department, version, why)
-            raise prompt_unavailable(department, version or "(active)", why) from e
+        except SoftPromptError as e:
+            log.error("department %s: soft prompt %s failed its checks at load and is not served: %s",
+                      department, version, e)
+            raise prompt_unavailable(department, version) from e
         with self._loaded_lock:
             self._loaded[key] = (tensor, contract)
             self._loaded.move_to_end(key)
@@ -155,13 +158,6 @@ class ServicePipeline(Pipeline):
         sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(gen.base_model),
                                 hidden_size=gen.hidden_size, max_depth=gen.max_prompt_depth)
         return sp.tensor, InputContract.from_prompt_meta(sp.meta)
-
-    def _without_root(self, message: str) -> str:
-        """An artifact error names files by their server path; clients see them relative to the registry."""
-        root = self.registry.root
-        for prefix in {str(root), str(root.resolve())}:
-            message = message.replace(prefix + os.sep, "")
-        return message
 
 
 def model_not_found(model: str) -> ApiError:

@@ -11,6 +11,7 @@ full re-read. A live uvicorn, the tiny random generator and the real embedder; n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -172,20 +173,22 @@ def _tamper(root: Path, department: str) -> tuple[Path, bytes]:
     return path, good
 
 
-def test_a_damaged_version_fails_its_own_department_only_at_first_use(fleet, real_embedder, tiny_tokenizer):
+def test_a_damaged_version_fails_its_own_department_only_at_first_use(fleet, real_embedder, tiny_tokenizer,
+                                                                     caplog):
     path, good = _tamper(fleet.prompt_dir, dept(9))  # before start-up: nothing verifies it then
     try:
         generator = Generator(build_tiny_model(tiny_tokenizer), tiny_tokenizer)
         app = create_app(_config(), fleet, embedder=real_embedder, generator=generator, background_load=False)
-        with live_server(app) as url:
+        with live_server(app) as url, caplog.at_level(logging.ERROR, logger="ragpt.service"):
             assert httpx.get(f"{url}/readyz").status_code == 200  # start-up does not read the versions
             bad = _ask(url, dept(9))
             assert bad.status_code == 503
             err = bad.json()["error"]
             assert err["code"] == "prompt_unavailable" and err["param"] == "model"
-            assert f"{dept(9)} v1" in err["message"] and "sha256 mismatch" in err["message"]
-            assert f"{dept(9)}/v1/prompt.safetensors" in err["message"]
-            assert str(fleet.prompt_dir) not in err["message"]  # no server path
+            assert f"{dept(9)} v1" in err["message"] and f"'{dept(9)}@none'" in err["message"]
+            assert "/" not in err["message"] and "sha256" not in err["message"]  # no server detail to clients
+            logged = [r.getMessage() for r in caplog.records if dept(9) in r.getMessage()]
+            assert any("sha256 mismatch" in m and f"{dept(9)}/v1/prompt.safetensors" in m for m in logged), logged
             for model in (dept(8), dept(10), f"{dept(9)}@none"):  # everyone else, and d0009 without it
                 assert _ask(url, model).status_code == 200, model
             models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]

@@ -211,7 +211,7 @@ class ServiceRuntime:
                 _check_department(by_index[name].index, known[name], dept)
                 self.pipelines[dept] = by_index[name]
             for pipe in by_index.values():
-                _ = pipe.retriever  # checks the index's embedder matches
+                pipe.retriever.prepare()  # checks the index's embedder matches, builds BM25 before any request
             if cfg.router.enabled:
                 vectors = {}
                 for dept, pipe in self.pipelines.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pytest
 
@@ -140,11 +141,13 @@ def test_index_type_is_validated_and_a_damaged_dense_section_is_reported(tmp_pat
         DocumentIndex.open(tmp_path, "t")
 
 
-def test_allowed_ids_selectors_match_their_ids():
+def test_allowed_ids_selectors_match_their_ids(monkeypatch):
     bound = 10_000
+    monkeypatch.setattr(dense_mod, "BITMAP_MAX_BITS", 1000)  # so that a small set gets a hash set
     for ids in (np.arange(0, bound, 3), np.array([5, 77, 9000])):  # a bitmap, then a hash set
         allowed = AllowedIds(ids, bound)
         sel = allowed.selector
+        assert isinstance(sel, faiss.IDSelectorBitmap) == (len(ids) > 1000)
         members = [i for i in range(0, bound, 7) if sel.is_member(i)]
         assert members == [i for i in range(0, bound, 7) if i in set(ids.tolist())]
 

@@ -36,6 +36,9 @@ MIN_MEMBERS = 1024
 # A department with at most this many chunks is scored exactly from its own vectors.
 EXACT_MAX = 2048
 TRAIN_POINTS_PER_LIST = 40
+# A department's selector is a bitmap over all ids up to this many (1 MB); past it, a department
+# holding under 1/64 of the ids gets a hash set, which is smaller but slower to test.
+BITMAP_MAX_BITS = 8 * 2**20
 
 
 def ivf_lists(n: int) -> int:
@@ -59,8 +62,8 @@ class AllowedIds:
     @property
     def selector(self) -> faiss.IDSelector:
         if self._selector is None:
-            if len(self.ids) * 64 >= self._bound:
-                # A bitmap over every id: one bit test per scanned vector.
+            if self._bound <= BITMAP_MAX_BITS or len(self.ids) * 64 >= self._bound:
+                # A bitmap over every id: one bit test per scanned vector, the fastest check.
                 bitmap = np.zeros((self._bound + 7) // 8, dtype=np.uint8)
                 np.bitwise_or.at(bitmap, self.ids >> 3, (1 << (self.ids & 7)).astype(np.uint8))
                 self._keep = bitmap

@@ -81,6 +81,12 @@ class Retriever:
         self.rrf_k = rrf_k
         self._bm25: _Bm25 | None = None
 
+    def prepare(self) -> None:
+        """Build the BM25 statistics now (when BM25 is on), not on the first query: a service
+        calls this at start-up so that no request pays for it (about a minute per million chunks)."""
+        if self.bm25:
+            self._bm25_index()
+
     def _bm25_index(self) -> _Bm25:
         if self._bm25 is None or self._bm25.version != self.index._version:
             self._bm25 = _Bm25(self.index)

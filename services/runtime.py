@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections import OrderedDict
 
 import torch
 
@@ -93,71 +91,20 @@ def prompt_unavailable(department: str, version: str) -> ApiError:
 
 
 class ServicePipeline(Pipeline):
-    """The service's pipeline of one index: `Pipeline`, with the prompt versions it holds bounded.
-
-    `Pipeline` keeps every version it ever loaded, and resolving the active version lists the
-    registry's folders; with a thousand departments that is every department's tensor in memory
-    (1.4 MB a deep prompt for SmolLM2), whatever the prefix cache's bound, and a directory listing
-    per request. Here at most `max_prompts` versions stay loaded (least recently used out, the
-    same bound as the generator's prefix cache), the active version comes from the registry's
-    replayed log (`active_version_or_none`), and a version that fails its checks when it is
-    loaded (checksum, shape, base model; verified at first use, not at start-up) is a 503
+    """The service's pipeline of one index: `Pipeline`, where a version that fails its checks when
+    it is loaded (checksum, shape, base model; verified at first use, not at start-up) is a 503
     `prompt_unavailable` for the requests that use it, naming it, while every other department
     is answered as before. It is not kept: a restored file is served at the next request. (A
     damaged audit log stays what it was, a 500: it is not one version's problem.)
     """
 
-    def __init__(self, *args, max_prompts: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        if max_prompts < 1:
-            raise ValueError("max_prompts must be at least 1")
-        self.max_prompts = max_prompts
-        self._loaded: OrderedDict[tuple[str, str], tuple[torch.Tensor, InputContract]] = OrderedDict()
-        self._loaded_lock = threading.Lock()
-
-    @property
-    def loaded_prompts(self) -> list[tuple[str, str]]:
-        """(department, version) of the prompt tensors held now, least recently used first."""
-        with self._loaded_lock:
-            return list(self._loaded)
-
-    def resolve(self, department: str, prompt: str = "active") -> tuple[torch.Tensor | None, str | None,
-                                                                        InputContract]:
-        """What `Pipeline.resolve` returns: (tensor, version, input contract), or no prompt."""
-        if prompt in (None, "none"):
-            return None, None, self.default_contract
-        version = prompt
-        if prompt == "active":
-            version = self.registry.active_version_or_none(department)
-            if version is None:
-                return None, None, self.default_contract
-        key = (department, version)
-        with self._loaded_lock:
-            hit = self._loaded.get(key)
-            if hit is not None:
-                self._loaded.move_to_end(key)
-                return hit[0], version, hit[1]
+    def load_version(self, department: str, version: str) -> tuple[torch.Tensor, InputContract]:
         try:
-            tensor, contract = self._load(department, version)
+            return super().load_version(department, version)
         except SoftPromptError as e:
             log.error("department %s: soft prompt %s failed its checks at load and is not served: %s",
                       department, version, e)
             raise prompt_unavailable(department, version) from e
-        with self._loaded_lock:
-            self._loaded[key] = (tensor, contract)
-            self._loaded.move_to_end(key)
-            while len(self._loaded) > self.max_prompts:
-                self._loaded.popitem(last=False)
-        return tensor, version, contract
-
-    def _load(self, department: str, version: str) -> tuple[torch.Tensor, InputContract]:
-        """The version validated as `Pipeline.resolve` loads it (checksums, shape, base model)."""
-        from ragpt.softprompts.artifact import base_model_fingerprint
-
-        gen = self.generator
-        sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(gen.base_model),
-                                hidden_size=gen.hidden_size, max_depth=gen.max_prompt_depth)
-        return sp.tensor, InputContract.from_prompt_meta(sp.meta)
 
 
 def model_not_found(model: str) -> ApiError:

@@ -77,7 +77,8 @@ def test_ivf_keeps_each_department_inside_its_chunks_and_finds_its_top_k(tmp_pat
 def test_nprobe_grows_as_the_filter_gets_more_selective_up_to_every_list(tmp_path):
     idx, _ = _build(tmp_path, 6000, "ivf")
     probes = [idx.dense.nprobe_for(n) for n in (6000, 1500, 300, 30, 1)]
-    assert probes == sorted(probes) and probes[0] == dense_mod.NPROBE_MIN and probes[-1] == idx.dense.index.nlist
+    assert probes == sorted(probes) and probes[0] >= dense_mod.NPROBE_MIN and probes[-1] == idx.dense.index.nlist
+    assert len(set(probes)) > 2
 
 
 def test_ivf_index_survives_reopen_delete_and_add(tmp_path):

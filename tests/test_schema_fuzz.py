@@ -52,7 +52,7 @@ SEED = 20240611
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 OPERATIONS = ["GET /healthz", "GET /readyz", "GET /v1/models", "POST /v1/chat/completions",
-              "POST /v1/departments/{dept}/chat"]
+              "POST /v1/departments/{dept}/chat", "POST /v1/prompt_embeds"]
 ADMIN_KEY = "fuzz-admin-key"
 # The browser session exchange and the admin API, fuzzed with the admin key: generated changes are
 # mostly refused (an unknown version, an illegal transition), which is what they must survive.

@@ -10,6 +10,8 @@ as the HTTP service, LangChain and `ragpt eval`.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,17 @@ from ragpt.serving.request import (
 
 
 class Pipeline:
-    """An index, the models, the prompt registry, and the cache of loaded prompt versions."""
+    """An index, the models, the prompt registry, and the prompt versions loaded lately.
+
+    At most `max_prompts` versions stay loaded (least recently used out), so that a pipeline
+    serving many departments holds a bounded number of tensors (a deep prompt is about 1.4 MB for
+    SmolLM2); a version is validated (checksums, shape, base model) whenever it is loaded.
+    """
 
     def __init__(self, index: DocumentIndex, settings: Settings, *, embedder: Embedder | None = None,
-                 generator: Generator | None = None, prefix_cache: bool = True):
+                 generator: Generator | None = None, prefix_cache: bool = True, max_prompts: int = 64):
+        if max_prompts < 1:
+            raise ValueError("max_prompts must be at least 1")
         self.index = index
         self.settings = settings
         self.prefix_cache = prefix_cache  # soft prompts' KV computed once per version and reused
@@ -45,7 +54,9 @@ class Pipeline:
         self._generator = generator
         self._retriever: Retriever | None = None
         self._registry = None
-        self._prompts: dict[tuple[str, str], tuple[torch.Tensor, InputContract]] = {}
+        self.max_prompts = max_prompts
+        self._prompts: OrderedDict[tuple[str, str], tuple[torch.Tensor, InputContract]] = OrderedDict()
+        self._prompts_lock = threading.Lock()
         self.default_contract = InputContract.from_settings(settings)
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -98,19 +109,37 @@ class Pipeline:
             return None, None, self.default_contract
         version = prompt
         if prompt == "active":
-            version = self.registry.active_version(department) if department in self.registry.departments() else None
+            version = self.registry.active_version_or_none(department)  # from the replayed log
             if version is None:
                 return None, None, self.default_contract
         key = (department, version)
-        if key not in self._prompts:
-            from ragpt.softprompts.artifact import base_model_fingerprint
-
-            gen = self.generator
-            sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(gen.base_model),
-                                    hidden_size=gen.hidden_size, max_depth=gen.max_prompt_depth)
-            self._prompts[key] = (sp.tensor, InputContract.from_prompt_meta(sp.meta))
-        tensor, contract = self._prompts[key]
+        with self._prompts_lock:
+            hit = self._prompts.get(key)
+            if hit is not None:
+                self._prompts.move_to_end(key)
+                return hit[0], version, hit[1]
+        tensor, contract = self.load_version(department, version)
+        with self._prompts_lock:
+            self._prompts[key] = (tensor, contract)
+            self._prompts.move_to_end(key)
+            while len(self._prompts) > self.max_prompts:
+                self._prompts.popitem(last=False)
         return tensor, version, contract
+
+    @property
+    def loaded_prompts(self) -> list[tuple[str, str]]:
+        """(department, version) of the prompt tensors held now, least recently used first."""
+        with self._prompts_lock:
+            return list(self._prompts)
+
+    def load_version(self, department: str, version: str) -> tuple[torch.Tensor, InputContract]:
+        """A version read from the registry and validated (checksums, shape, base model)."""
+        from ragpt.softprompts.artifact import base_model_fingerprint
+
+        gen = self.generator
+        sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(gen.base_model),
+                                hidden_size=gen.hidden_size, max_depth=gen.max_prompt_depth)
+        return sp.tensor, InputContract.from_prompt_meta(sp.meta)
 
     def prefix_key(self, department: str, version: str | None, soft_prompt: torch.Tensor | None) -> Hashable | None:
         """The prefix-cache key of a row's soft prompt (registry versions are immutable, so the key

@@ -152,7 +152,7 @@ def match_document(index: DocumentIndex, doc: Document, departments: list[str], 
     return same_bytes[0] if len(same_bytes) == 1 else None
 
 
-def _entry(doc: Document, departments: list[str], n_chunks: int) -> dict:
+def _entry(doc: Document, departments: list[str], n_chunks: int, embed_precision: str) -> dict:
     return {
         "source": doc.source,
         "origin": origin_of(doc.path),
@@ -162,6 +162,10 @@ def _entry(doc: Document, departments: list[str], n_chunks: int) -> dict:
         "n_chunks": n_chunks,
         "chars": len(doc.text),
         "ingested": time.time(),
+        # Provenance only: precision is not part of the embedder identity the index checks (bf16 and
+        # fp32 vectors agree to cosine > 0.9999, see ragpt.lm.models.Embedder), so one index may hold
+        # documents embedded at either; this says which, should a later backend need re-embedding.
+        "embed_precision": embed_precision,
     }
 
 
@@ -227,7 +231,7 @@ def ingest(
             for c in doc_chunks:
                 c.doc = key
             chunks.extend(doc_chunks)
-            index.documents[key] = _entry(doc, departments, len(doc_chunks))
+            index.documents[key] = _entry(doc, departments, len(doc_chunks), embedder.precision)
         if chunks:
             t_embed = time.perf_counter()
             vectors = embedder.encode([c.text for c in chunks], batch_size=batch_size, progress=progress)

@@ -172,9 +172,37 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 # --------------------------------------------------------------------------- embedder
 
 
+# Embedder precisions (the embed_precision setting). bf16 puts the model's weights in bfloat16,
+# so every matmul runs on AVX-512-BF16/AMX through oneDNN: 3.2x fp32's chunks/s on 2 cores at batch
+# 32, 2.6x at 64 (benchmarks/results/ingest_throughput.md). Its vectors agree with fp32's to a cosine above 0.9999 and
+# retrieve the same passages, so precision is not part of the embedder's identity: an index built
+# at one precision is searched at the other (see Embedder).
+EMBED_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_embed_precision(setting: str) -> str:
+    """The precision ("fp32" or "bf16") an embed_precision setting asks for: "auto" is bf16 where the
+    CPU has native bf16 matmuls (AVX-512-BF16 / AMX); elsewhere bf16 is emulated and slower."""
+    s = str(setting).lower()
+    if s not in EMBED_PRECISIONS:
+        raise ModelLoadError(f"embed_precision must be one of {', '.join(EMBED_PRECISIONS)}, not {setting!r}")
+    if s == "auto":
+        from ragpt.lm.generator import cpu_supports_bf16
+
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return s
+
+
 @dataclass
 class Embedder:
     """A sentence embedder: normalised float32 vectors, so inner product = cosine.
+
+    `precision` is what the model computes in ("fp32" or "bf16"); vectors are float32 either way.
+    It is deliberately not part of `name`, the identity an index records and checks: bf16 and fp32
+    vectors of the same model agree to a cosine above 0.9999 and give the same retrieval hit@k
+    (measured, benchmarks/results/ingest_throughput.md), so documents embedded at one precision
+    are searched with queries embedded at the other. A backend that changed the vectors more
+    (int8: cosine 0.86 at worst, 0.94 on average) would need a name of its own so that a mismatch is refused.
 
     Thread-safe: a fast (Rust) tokenizer may fail when two threads encode at once ("Already
     borrowed"), and services and LangChain batches call this from worker threads.
@@ -184,6 +212,7 @@ class Embedder:
     model: object  # sentence_transformers.SentenceTransformer
     dim: int
     max_tokens: int
+    precision: str = "fp32"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -201,13 +230,21 @@ class Embedder:
                 convert_to_numpy=True,
                 normalize_embeddings=True,
             )
-        return np.ascontiguousarray(vecs, dtype=np.float32)
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        if self.precision != "fp32":
+            # Normalised in bf16, a vector's norm is only within ~1e-3 of 1: normalise again in
+            # float32 so that inner products stay cosines (fp32 vectors are left bit-identical).
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        return vecs
 
 
-def load_embedder(settings: Settings) -> Embedder:
+def load_embedder(settings: Settings, precision: str | None = None) -> Embedder:
+    """The embedder named by settings.embedder, computing in `precision` (default: the
+    embed_precision setting; "auto" resolves to bf16 where the CPU has native bf16)."""
     from sentence_transformers import SentenceTransformer
 
     _quiet_transformers()
+    precision = resolve_embed_precision(precision or settings.embed_precision)
     if settings.embedder == EMBEDDED_EMBEDDER:
         where = str(embedded_embedder_dir())
     else:
@@ -217,6 +254,11 @@ def load_embedder(settings: Settings) -> Embedder:
         st = SentenceTransformer(where, device="cpu", local_files_only=True)
     except Exception as e:  # sentence-transformers raises several types for a missing model
         raise ModelLoadError(f"cannot load embedder {settings.embedder!r} from {where}: {e}") from e
+    if precision == "bf16":
+        # Weights in bf16, not autocast: autocast re-casts every fp32 weight on every forward
+        # call and measured slower (benchmarks/ingest_throughput.py).
+        st.to(torch.bfloat16)
     get_dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
     dim = get_dim()
-    return Embedder(name=settings.embedder, model=st, dim=int(dim), max_tokens=int(st.max_seq_length))
+    return Embedder(name=settings.embedder, model=st, dim=int(dim), max_tokens=int(st.max_seq_length),
+                    precision=precision)

@@ -221,6 +221,9 @@ def ingest(
         index = _open_or_create(root, name, embedder, chunk_tokens, chunk_overlap, new_index_type)
         retyped = index_type is not None and index.set_index_type(index_type)
         plan = _plan(index, docs, departments, report)
+        # Chunking stays ahead of embedding, not beside it: a producer thread chunking while the
+        # previous chunks embed measured slower on 2 cores (it takes a core from the matmuls) and
+        # chunking is ~12% of a bf16 ingest (benchmarks/results/ingest_throughput.md).
         chunker = Chunker(embedder.tokenizer, chunk_tokens, chunk_overlap)
         chunks = []
         for doc, old_key in plan:

@@ -64,9 +64,9 @@ class Settings(BaseSettings):
     # Ingestion. Chunks are measured in embedder tokens so that none is truncated when embedded.
     chunk_tokens: int = Field(200, ge=16, le=4096)
     chunk_overlap: int = Field(40, ge=0)
-    embed_batch_size: int = Field(64, ge=1)
-    # What the embedder computes in: fp32, bf16 (weights in bfloat16: 2.6-3.2x the chunks/s on AVX-512-BF16
-    # / AMX, same retrieval), or auto (bf16 where the CPU has native bf16, else fp32).
+    embed_batch_size: int = Field(32, ge=1)  # bf16 and fp32 both embed fastest near 32 (ingest_throughput.py)
+    # What the embedder computes in: fp32, bf16 (weights in bfloat16: several times the chunks/s on
+    # AVX-512-BF16 / AMX at the same retrieval quality), or auto (bf16 where the CPU has native bf16).
     embed_precision: str = "auto"
     # Dense search structure of a new index: flat (exact), ivf (approximate, the department
     # filter inside the search), or auto (flat while small, ivf past a size; ragpt.retrieval.dense).

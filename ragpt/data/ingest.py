@@ -191,7 +191,7 @@ def ingest(
     strict: bool = False,
     chunk_tokens: int = 200,
     chunk_overlap: int = 40,
-    batch_size: int = 64,
+    batch_size: int = 32,
     progress: bool = True,
     index_type: str | None = None,
     new_index_type: str = "auto",

@@ -173,8 +173,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 # Embedder precisions (the embed_precision setting). bf16 puts the model's weights in bfloat16,
-# so every matmul runs on AVX-512-BF16/AMX through oneDNN: 3.2x fp32's chunks/s on 2 cores at batch
-# 32, 2.6x at 64 (benchmarks/results/ingest_throughput.md). Its vectors agree with fp32's to a cosine above 0.9999 and
+# so every matmul runs on AVX-512-BF16/AMX through oneDNN, several times fp32's speed
+# (benchmarks/ingest_throughput.py). Its vectors agree with fp32's to a cosine above 0.9999 and
 # retrieve the same passages, so precision is not part of the embedder's identity: an index built
 # at one precision is searched at the other (see Embedder).
 EMBED_PRECISIONS = ("auto", "fp32", "bf16")
@@ -219,7 +219,7 @@ class Embedder:
     def tokenizer(self):
         return self.model.tokenizer
 
-    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:

@@ -1,0 +1,75 @@
+"""The sentence splitter (Chunker(splitter="sentences")): chunks packed with whole sentences whose
+overlap carries across paragraph boundaries, where the default splitter overlaps only inside a
+paragraph (benchmarks/retrieval_levers.py measures what it does to retrieval)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ragpt.data.documents import Chunker, Document
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from ragpt.lm.models import embedded_embedder_dir
+
+    return AutoTokenizer.from_pretrained(str(embedded_embedder_dir()))
+
+
+def _doc(text: str) -> Document:
+    return Document(source="d.txt", title="T", text=text, sha256="0" * 64, path=Path("d.txt"))
+
+
+# Paragraphs of three ~10-token sentences each: with 40-token chunks and 12 tokens of overlap a
+# paragraph never fills a chunk on its own, so only packing across paragraphs can share text.
+PARAGRAPHS = [" ".join(f"Paragraph {p} sentence {s} says something about topic {p}{s}." for s in range(3))
+              for p in range(6)]
+TEXT = "\n\n".join(PARAGRAPHS)
+
+
+def _ntok(tokenizer, text: str) -> int:
+    return len(tokenizer.tokenize(text))
+
+
+def test_sentence_chunks_overlap_across_paragraphs(tokenizer):
+    chunks = Chunker(tokenizer, 40, 12, splitter="sentences").split(_doc(TEXT), ["hr"])
+    assert len(chunks) > 1
+    shared = 0
+    for a, b in zip(chunks, chunks[1:]):
+        assert b.start < a.end  # the next chunk starts inside the previous one: overlap
+        if "\n\n" in TEXT[b.start:a.end] or TEXT[a.start:a.end].count("Paragraph") > 1:
+            shared += 1
+    assert shared > 0  # some overlaps span a paragraph break
+    for c in chunks:
+        assert TEXT[c.start:c.end] == c.text  # offsets locate each chunk in the document
+        assert 0 < _ntok(tokenizer, c.text) <= 40
+        assert c.text.rstrip().endswith(".")  # whole sentences, never cut mid-sentence here
+
+
+def test_default_splitter_keeps_paragraphs_apart(tokenizer):
+    """Today's behaviour, unchanged: paragraphs that do not fit together start a new chunk with no
+    text of the previous paragraph."""
+    chunks = Chunker(tokenizer, 40, 12).split(_doc(TEXT), ["hr"])
+    assert all(b.start >= a.end for a, b in zip(chunks, chunks[1:]))
+    assert {c.text for c in chunks} <= set(PARAGRAPHS) | {p for p in TEXT.split("\n\n")}
+
+
+def test_sentence_chunks_are_fuller(tokenizer):
+    """A paragraph longer than a chunk leaves a short last piece under the default splitter; packing
+    sentences fills chunks closer to the budget: fewer chunks for the same text."""
+    text = "\n\n".join(" ".join(f"Paragraph {p} sentence {s} says something about topic {p}{s}." for s in range(5))
+                       for p in range(6))
+    default = Chunker(tokenizer, 48, 0).split(_doc(text), ["hr"])
+    sentences = Chunker(tokenizer, 48, 0, splitter="sentences").split(_doc(text), ["hr"])
+    assert len(sentences) < len(default)
+    assert "".join(c.text for c in sentences).replace(" ", "").replace("\n", "") == \
+        text.replace(" ", "").replace("\n", "")  # without overlap, every character exactly once
+
+
+def test_unknown_splitter_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="splitter"):
+        Chunker(tokenizer, 40, 0, splitter="words")

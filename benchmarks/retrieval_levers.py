@@ -38,7 +38,6 @@ Results: benchmarks/results/retrieval_levers.{json,md}
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -121,34 +120,6 @@ def _tatqa_spans(data_dir: Path) -> dict[str, tuple[str, list[str]]]:
     return spans
 
 
-# ------------------------------------------------------------------------------ the sentence splitter
-
-
-def sentence_chunker(tokenizer, chunk_tokens: int, chunk_overlap: int):
-    """ragpt's Chunker with splitter="sentences" (ragpt.data.documents): every line break and
-    sentence end is a first-level split, so the overlap also carries across paragraph boundaries."""
-    from ragpt.data.documents import Chunker
-
-    return Chunker(tokenizer, chunk_tokens, chunk_overlap, splitter="sentences")
-
-
-@contextlib.contextmanager
-def _chunker_for(splitter: str):
-    """ingest() builds its Chunker with the default splitter: swap in the sentence splitter for that
-    one ingest only (ingest has no splitter argument yet)."""
-    import ragpt.data.ingest as ingest_module
-
-    if splitter == "recursive":
-        yield
-        return
-    original = ingest_module.Chunker
-    ingest_module.Chunker = sentence_chunker
-    try:
-        yield
-    finally:
-        ingest_module.Chunker = original
-
-
 def build_index(work: Path, name: str, emb, settings) -> tuple[object, dict]:
     from ragpt.data.ingest import ingest
     from ragpt.retrieval.index import DocumentIndex
@@ -159,11 +130,11 @@ def build_index(work: Path, name: str, emb, settings) -> tuple[object, dict]:
     folders += [(work / "policyqa" / "docs" / "legal", "legal", work / "policyqa" / "docs"),
                 (work / "tatqa" / "docs" / "finance", "finance", work / "tatqa" / "docs")]
     t, embedded = time.perf_counter(), 0
-    with _chunker_for(splitter):
-        for folder, dept, source_root in folders:
-            rep = ingest(root, "levers", [folder], [dept], emb, source_root=source_root, chunk_tokens=tokens,
-                         chunk_overlap=overlap, batch_size=settings.embed_batch_size, progress=False)
-            embedded += rep.chunks_embedded
+    for folder, dept, source_root in folders:
+        rep = ingest(root, "levers", [folder], [dept], emb, source_root=source_root, chunk_tokens=tokens,
+                     chunk_overlap=overlap, chunk_splitter=splitter, batch_size=settings.embed_batch_size,
+                     progress=False)
+        embedded += rep.chunks_embedded
     index = DocumentIndex.open(root, "levers")
     return index, {"chunks": len(index.chunks), "embedded_now": embedded, "seconds": round(time.perf_counter() - t, 1)}
 

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # Ingestion. Chunks are measured in embedder tokens so that none is truncated when embedded.
     chunk_tokens: int = Field(200, ge=16, le=4096)
     chunk_overlap: int = Field(40, ge=0)
+    # How a document is cut: "recursive" (paragraphs first) or "sentences" (whole sentences packed up
+    # to the budget, overlap across paragraphs; higher span hit@2, benchmarks/retrieval_levers.py).
+    chunk_splitter: str = "recursive"
     embed_batch_size: int = Field(32, ge=1)  # bf16 and fp32 both embed fastest near 32 (ingest_throughput.py)
     # What the embedder computes in: fp32, bf16 (weights in bfloat16: several times the chunks/s on
     # AVX-512-BF16 / AMX at the same retrieval quality), or auto (bf16 where the CPU has native bf16).
@@ -90,6 +93,14 @@ class Settings(BaseSettings):
     # "auto" turns it on where the CPU supports bf16 natively.
     bf16: str = "auto"
     threads: int = Field(0, ge=0)  # 0: leave torch's default
+
+    @field_validator("chunk_splitter")
+    @classmethod
+    def _check_chunk_splitter(cls, v: str) -> str:
+        v = str(v).lower()
+        if v not in {"recursive", "sentences"}:
+            raise ValueError("chunk_splitter must be recursive or sentences")
+        return v
 
     @field_validator("index_type")
     @classmethod

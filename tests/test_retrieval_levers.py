@@ -73,3 +73,29 @@ def test_sentence_chunks_are_fuller(tokenizer):
 def test_unknown_splitter_is_refused(tokenizer):
     with pytest.raises(ValueError, match="splitter"):
         Chunker(tokenizer, 40, 0, splitter="words")
+
+
+@pytest.mark.integration
+def test_ragpt_ingest_chunk_splitter_reaches_the_chunks_and_the_manifest(tmp_path, monkeypatch, tokenizer):
+    from typer.testing import CliRunner
+
+    from ragpt.cli.main import app
+    from ragpt.retrieval.index import DocumentIndex
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "d.txt").write_text(TEXT, encoding="utf-8")
+    monkeypatch.setenv("RAGPT_INDEX_DIR", str(tmp_path / "indexes"))
+    texts = {}
+    for splitter in ("recursive", "sentences"):
+        r = CliRunner().invoke(app, ["ingest", "-i", splitter, "-d", "hr", str(docs), "-q", "--chunk-tokens", "40",
+                                     "--chunk-overlap", "12", "--chunk-splitter", splitter])
+        assert r.exit_code == 0, r.output
+        idx = DocumentIndex.open(tmp_path / "indexes", splitter)
+        assert idx.manifest["chunking"] == {"chunk_tokens": 40, "chunk_overlap": 12, "splitter": splitter}
+        texts[splitter] = [idx.chunks[i].text for i in sorted(idx.chunks)]
+        want = Chunker(tokenizer, 40, 12, splitter=splitter).split(_doc(TEXT), ["hr"])
+        assert texts[splitter] == [c.text for c in want]
+    assert texts["sentences"] != texts["recursive"]
+    bad = CliRunner().invoke(app, ["ingest", "-i", "x", "-d", "hr", str(docs), "--chunk-splitter", "words"])
+    assert bad.exit_code == 2 and "chunk_splitter must be recursive or sentences" in bad.output

@@ -36,6 +36,7 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
     for dept in SAMPLE_DEPARTMENTS:
         rep = ingest(settings.index_dir, index, [department_dir(dept)], [dept], embedder, source_root=SAMPLE_ROOT,
                      chunk_tokens=settings.chunk_tokens, chunk_overlap=settings.chunk_overlap,
+                     chunk_splitter=settings.chunk_splitter,
                      batch_size=settings.embed_batch_size, progress=progress)
         out(f"[ingest] {dept}: {len(rep.added)} added, {len(rep.replaced)} replaced, "
             f"{len(rep.unchanged)} unchanged, {rep.chunks_embedded} chunks embedded "
@@ -166,6 +167,7 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
         docs = imported / SHIPPED_DEPARTMENTS[d] / "docs"  # the root: sources keep the department folder
         rep = ingest(settings.index_dir, SHIPPED_INDEX, [docs / d], [d], embedder, source_root=docs,
                      chunk_tokens=settings.chunk_tokens, chunk_overlap=settings.chunk_overlap,
+                     chunk_splitter=settings.chunk_splitter,
                      batch_size=settings.embed_batch_size, progress=progress)
         out(f"[ingest] {d}: {len(rep.added)} added, {len(rep.unchanged)} unchanged")
         _report_problems(d, rep, out)

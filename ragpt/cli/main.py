@@ -73,6 +73,8 @@ def ingest(
         help="Abort on the first file that cannot be ingested, writing nothing.")] = False,
     chunk_tokens: Annotated[int | None, typer.Option(help="Chunk size in embedder tokens.")] = None,
     chunk_overlap: Annotated[int | None, typer.Option(help="Overlap between chunks, tokens.")] = None,
+    chunk_splitter: Annotated[str | None, typer.Option(
+        help="recursive (paragraphs first) or sentences (whole sentences packed, overlap across paragraphs).")] = None,
     index_type: Annotated[str | None, typer.Option("--index-type",
         help="Dense search structure from now on: auto (flat while small, then ivf), flat or ivf "
              "(default for a new index: the index_type setting).")] = None,
@@ -92,7 +94,7 @@ def ingest(
     from ragpt.lm.models import load_embedder
 
     try:
-        s = _settings(ctx, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
+        s = _settings(ctx, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, chunk_splitter=chunk_splitter)
         if delete:
             rep = delete_documents(s.index_dir, index, [str(p) for p in paths], department)
             _echo_delete(index, rep)
@@ -102,7 +104,7 @@ def ingest(
         collect_documents(paths, root)
         rep = run_ingest(
             s.index_dir, index, paths, department, load_embedder(s), source_root=root, strict=strict,
-            chunk_tokens=s.chunk_tokens, chunk_overlap=s.chunk_overlap,
+            chunk_tokens=s.chunk_tokens, chunk_overlap=s.chunk_overlap, chunk_splitter=s.chunk_splitter,
             batch_size=s.embed_batch_size, progress=not quiet, index_type=index_type,
             new_index_type=s.index_type,
         )

@@ -169,15 +169,13 @@ def _entry(doc: Document, departments: list[str], n_chunks: int, embed_precision
     }
 
 
-def _open_or_create(root: Path, name: str, embedder: Embedder, chunk_tokens: int, chunk_overlap: int,
-                    index_type: str):
+def _open_or_create(root: Path, name: str, embedder: Embedder, chunking: dict, index_type: str):
     if DocumentIndex.exists(root, name):
         index = DocumentIndex.open(root, name)
         index.check_embedder(embedder.name, embedder.dim)
         return index
     return DocumentIndex.empty(root, name, embedder.name, embedder.dim,
-                               {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap},
-                               index_type=index_type)
+                               chunking, index_type=index_type)
 
 
 def ingest(
@@ -191,6 +189,7 @@ def ingest(
     strict: bool = False,
     chunk_tokens: int = 200,
     chunk_overlap: int = 40,
+    chunk_splitter: str = "recursive",
     batch_size: int = 32,
     progress: bool = True,
     index_type: str | None = None,
@@ -218,13 +217,14 @@ def ingest(
         return report
 
     with index_lock(root, name):
-        index = _open_or_create(root, name, embedder, chunk_tokens, chunk_overlap, new_index_type)
+        chunking = {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap, "splitter": chunk_splitter}
+        index = _open_or_create(root, name, embedder, chunking, new_index_type)
         retyped = index_type is not None and index.set_index_type(index_type)
         plan = _plan(index, docs, departments, report)
         # Chunking stays ahead of embedding, not beside it: a producer thread chunking while the
         # previous chunks embed measured slower on 2 cores (it takes a core from the matmuls) and
         # chunking is ~12% of a bf16 ingest (benchmarks/results/ingest_throughput.md).
-        chunker = Chunker(embedder.tokenizer, chunk_tokens, chunk_overlap)
+        chunker = Chunker(embedder.tokenizer, chunk_tokens, chunk_overlap, splitter=chunk_splitter)
         chunks = []
         for doc, old_key in plan:
             if old_key is not None:

@@ -177,3 +177,27 @@ def test_top_indices_is_the_stable_full_sort_ties_included():
                    np.zeros(1000, dtype=np.float32), rng.standard_normal(30).astype(np.float32)):
         for n in (1, 7, 20):
             assert top_indices(scores, n).tolist() == np.argsort(-scores, kind="stable")[:n].tolist()
+
+
+def test_a_department_far_from_the_query_still_gets_its_top_k_from_ivf(tmp_path):
+    """A topical department (all its chunks in one region) asked an off-topic question: the lists
+    nearest the query hold none of its chunks (the first pass finds 0 of 20), and the search widens
+    to every list."""
+    n = 12000
+    x = _clustered(n, seed=5)
+    far = _clustered(1, seed=99)[0]
+    order = np.argsort(x @ far)  # the chunks least like `far` first
+    depts = [["other"]] * n
+    for i in order[:3000]:
+        depts[i] = ["topical"]
+    idx = DocumentIndex.empty(tmp_path, "t", "synthetic", DIM, {}, index_type="ivf")
+    idx.add(_chunks(n, depts), x)
+    for key in {f"doc{i // 50}.txt" for i in range(n)}:
+        idx.documents[key] = {"source": key, "departments": [], "sha256": "0" * 64}
+    with index_lock(tmp_path, "t"):
+        idx.save()
+    allowed = idx.allowed("topical")
+    assert len(allowed) == 3000 > EXACT_MAX
+    hits = idx.dense.search(far[None], 20, allowed)
+    assert len(hits) == 20 and {i for i, _ in hits} <= set(allowed.ids.tolist())
+    assert [i for i, _ in hits] == _exact_top(idx, x, far, "topical", 20)

@@ -205,9 +205,17 @@ class DenseIndex:
             scores = self.vectors(allowed.ids) @ q[0]
             top = np.argsort(-scores, kind="stable")[:k]
             return [(int(allowed.ids[j]), float(scores[j])) for j in top]
+        want = int(min(k, n))
         if self.kind == "ivf":
-            params = faiss.SearchParametersIVF(sel=allowed.selector, nprobe=self.nprobe_for(n))
-        else:
-            params = faiss.SearchParameters(sel=allowed.selector)
-        scores, ids = self.index.search(q, int(min(k, n)), params=params)
+            nprobe = self.nprobe_for(n)
+            hits = self._search(q, want, faiss.SearchParametersIVF(sel=allowed.selector, nprobe=nprobe))
+            if len(hits) < want and nprobe < self.index.nlist:
+                # The lists nearest the query hold too few of the department's chunks (a department
+                # whose documents sit elsewhere in the space): scan every list, which is exact.
+                hits = self._search(q, want, faiss.SearchParametersIVF(sel=allowed.selector, nprobe=self.index.nlist))
+            return hits
+        return self._search(q, want, faiss.SearchParameters(sel=allowed.selector))
+
+    def _search(self, q: np.ndarray, k: int, params) -> list[tuple[int, float]]:
+        scores, ids = self.index.search(q, k, params=params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]

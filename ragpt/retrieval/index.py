@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -111,6 +112,7 @@ class DocumentIndex:
         # department -> its readable ids, built for all departments in one pass per version
         self._dept_ids: tuple[int, dict[str, np.ndarray]] = (-1, {})
         self._allowed: OrderedDict[str, AllowedIds] = OrderedDict()  # LRU, same version
+        self._allowed_lock = threading.Lock()  # searches run in several threads of a service
 
     @property
     def faiss(self):
@@ -191,14 +193,15 @@ class DocumentIndex:
         """`allowed_ids` with the FAISS selector that enforces them (kept for recent departments)."""
         if filters:
             return AllowedIds(self.allowed_ids(department, filters), self.manifest["next_id"])
-        self._department_ids()  # drops selectors of an older version
-        hit = self._allowed.get(department)
-        if hit is None:
-            hit = self._allowed[department] = AllowedIds(self.allowed_ids(department), self.manifest["next_id"])
-            while len(self._allowed) > DEPARTMENT_CACHE:
-                self._allowed.popitem(last=False)
-        self._allowed.move_to_end(department)
-        return hit
+        ids = self.allowed_ids(department)  # a new version drops the selectors of the older one
+        with self._allowed_lock:
+            hit = self._allowed.get(department)
+            if hit is None or hit.ids is not ids:
+                hit = self._allowed[department] = AllowedIds(ids, self.manifest["next_id"])
+                while len(self._allowed) > DEPARTMENT_CACHE:
+                    self._allowed.popitem(last=False)
+            self._allowed.move_to_end(department)
+            return hit
 
     def _department_ids(self) -> dict[str, np.ndarray]:
         version, by_dept = self._dept_ids
@@ -209,7 +212,8 @@ class DocumentIndex:
                     lists.setdefault(d, []).append(c.id)
             by_dept = {d: np.sort(np.asarray(ids, dtype=np.int64)) for d, ids in lists.items()}
             self._dept_ids = (self._version, by_dept)
-            self._allowed.clear()
+            with self._allowed_lock:
+                self._allowed.clear()
         return by_dept
 
     def find_documents(self, pattern: str, departments: Iterable[str] | None = None) -> list[str]:

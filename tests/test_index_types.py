@@ -201,3 +201,28 @@ def test_a_department_far_from_the_query_still_gets_its_top_k_from_ivf(tmp_path)
     hits = idx.dense.search(far[None], 20, allowed)
     assert len(hits) == 20 and {i for i, _ in hits} <= set(allowed.ids.tolist())
     assert [i for i, _ in hits] == _exact_top(idx, x, far, "topical", 20)
+
+
+def test_an_id_past_the_bitmap_is_not_selected():
+    allowed = AllowedIds(np.array([0, 5]), 8)  # a one-byte bitmap
+    assert [i for i in range(80) if allowed.selector.is_member(i)] == [0, 5]
+
+
+def test_equal_scores_rank_in_id_order_on_every_path(tmp_path):
+    v = _clustered(1, seed=3)
+    x = np.repeat(v, 40, axis=0)  # 40 identical chunks
+    for kind in ("flat", "ivf"):
+        dense = DenseIndex.build(kind, DIM, np.arange(100, 140), x)
+        hits = dense.search(v, 5, AllowedIds(np.arange(100, 140), 140))
+        assert [i for i, _ in hits] == [100, 101, 102, 103, 104], kind
+
+
+def test_an_index_that_asked_for_hnsw_opens_as_auto(tmp_path):
+    _build(tmp_path, 100, "flat")
+    folder = tmp_path / "t"
+    snap = folder / (folder / "CURRENT").read_text().strip()
+    manifest = json.loads((snap / "manifest.json").read_text())
+    manifest["dense"]["requested"] = "hnsw"
+    (snap / "manifest.json").write_text(json.dumps(manifest))
+    idx = DocumentIndex.open(tmp_path, "t")
+    assert idx.manifest["dense"]["requested"] == "auto" and idx.dense.kind == "flat"

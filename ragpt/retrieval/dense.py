@@ -48,30 +48,27 @@ def ivf_lists(n: int) -> int:
 
 
 class AllowedIds:
-    """The sorted ids a search may return, with the FAISS selector that enforces them."""
+    """The sorted ids a search may return, with the FAISS selector that enforces them.
+
+    The selector is built here, once: a cached AllowedIds is shared by the threads of a service,
+    and a selector built lazily by two of them at once could point into a freed bitmap."""
 
     def __init__(self, ids: np.ndarray, id_bound: int):
         self.ids = np.ascontiguousarray(ids, dtype=np.int64)
-        self._bound = max(int(id_bound), int(self.ids[-1]) + 1 if len(self.ids) else 0, 1)
-        self._selector = None
-        self._keep = None  # the bitmap / id array the selector points into, kept alive here
+        bound = max(int(id_bound), int(self.ids[-1]) + 1 if len(self.ids) else 0, 1)
+        if bound <= BITMAP_MAX_BITS or len(self.ids) * 64 >= bound:
+            # A bitmap over every id: one bit test per scanned vector, the fastest check.
+            bitmap = np.zeros((bound + 7) // 8, dtype=np.uint8)
+            np.bitwise_or.at(bitmap, self.ids >> 3, (1 << (self.ids & 7)).astype(np.uint8))
+            self._keep = bitmap  # the selector points into it: kept alive as long as the selector
+            # FAISS's bitmap size is in bytes; an id past the bitmap is not selected.
+            self.selector: faiss.IDSelector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        else:  # few ids: a hash set is smaller than the bitmap (it copies the ids)
+            self._keep = None
+            self.selector = faiss.IDSelectorBatch(self.ids)
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @property
-    def selector(self) -> faiss.IDSelector:
-        if self._selector is None:
-            if self._bound <= BITMAP_MAX_BITS or len(self.ids) * 64 >= self._bound:
-                # A bitmap over every id: one bit test per scanned vector, the fastest check.
-                bitmap = np.zeros((self._bound + 7) // 8, dtype=np.uint8)
-                np.bitwise_or.at(bitmap, self.ids >> 3, (1 << (self.ids & 7)).astype(np.uint8))
-                self._keep = bitmap
-                self._selector = faiss.IDSelectorBitmap(self._bound, faiss.swig_ptr(bitmap))
-            else:  # few ids: a hash set is smaller than the bitmap
-                self._keep = self.ids
-                self._selector = faiss.IDSelectorBatch(self.ids)
-        return self._selector
 
 
 @dataclass
@@ -164,9 +161,13 @@ class DenseIndex:
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if len(ids):
-            # The ivf's hashtable direct map removes only through an IDSelectorArray.
+        if not len(ids):
+            return
+        if self.kind == "ivf":
+            # The ivf's hashtable direct map removes only through an IDSelectorArray (by lookup).
             self.index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids)))
+        else:  # flat tests every stored id: a hash set, not a linear scan of `ids` per vector
+            self.index.remove_ids(faiss.IDSelectorBatch(ids))
 
     def fitted(self, requested: str) -> DenseIndex:
         """This structure, or a rebuilt one, as `requested` (auto, flat, ivf) wants it now."""
@@ -218,4 +219,6 @@ class DenseIndex:
 
     def _search(self, q: np.ndarray, k: int, params) -> list[tuple[int, float]]:
         scores, ids = self.index.search(q, k, params=params)
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        # Equal scores (duplicate chunks) in id order, as the exact path and BM25 rank them.
+        return sorted(hits, key=lambda h: (-h[1], h[0]))

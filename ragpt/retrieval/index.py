@@ -365,7 +365,8 @@ class DocumentIndex:
             raise _damaged(name, f"{snap_id}/dense.faiss is not a FAISS index") from None
         if index.ntotal != len(chunks):
             raise _damaged(name, f"{index.ntotal} vectors but {len(chunks)} chunks in {snap_id}")
-        if not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIVFFlat)) or index.d != manifest["embedder"]["dim"]:
+        if (not isinstance(index, (faiss.IndexIDMap2, faiss.IndexIVFFlat)) or index.d != manifest["embedder"]["dim"]
+                or index.metric_type != faiss.METRIC_INNER_PRODUCT):
             raise _damaged(name, f"{snap_id}/dense.faiss is not a structure ragpt writes for this embedder")
         dense = DenseIndex.wrap(index, manifest.get("dense"))
         if set(dense.ids().tolist()) != {c.id for c in chunks}:
@@ -496,6 +497,8 @@ def _read_manifest(path: Path, snap_id: str, name: str) -> dict:
     if bad:
         raise _damaged(name, f"{rel} lacks or has a wrong type for {', '.join(bad)}")
     dense = manifest.get("dense", {})
+    if isinstance(dense, dict) and dense.get("requested") == "hnsw":
+        dense["requested"] = "auto"  # asked for before hnsw was dropped; the next save records auto
     if not isinstance(dense, dict) or dense.get("requested", "auto") not in INDEX_TYPES:
         raise _damaged(name, f"{rel} has an invalid dense section")
     emb = manifest["embedder"]

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -43,6 +43,14 @@ def _default_cache_dir() -> Path:
 
 def config_file_path() -> Path:
     return Path(os.environ.get("RAGPT_CONFIG", "ragpt.toml"))
+
+
+# Settings that take one of a few words (any case), and those words.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "chunk_splitter": ("recursive", "sentences"),
+    "embed_precision": ("auto", "fp32", "bf16"),
+    "index_type": ("auto", "flat", "ivf"),
+}
 
 
 class Settings(BaseSettings):
@@ -94,28 +102,13 @@ class Settings(BaseSettings):
     bf16: str = "auto"
     threads: int = Field(0, ge=0)  # 0: leave torch's default
 
-    @field_validator("chunk_splitter")
+    @field_validator(*_CHOICES)
     @classmethod
-    def _check_chunk_splitter(cls, v: str) -> str:
+    def _check_choice(cls, v: str, info: ValidationInfo) -> str:
         v = str(v).lower()
-        if v not in {"recursive", "sentences"}:
-            raise ValueError("chunk_splitter must be recursive or sentences")
-        return v
-
-    @field_validator("index_type")
-    @classmethod
-    def _check_index_type(cls, v: str) -> str:
-        v = str(v).lower()
-        if v not in {"auto", "flat", "ivf"}:
-            raise ValueError("index_type must be auto, flat or ivf")
-        return v
-
-    @field_validator("embed_precision")
-    @classmethod
-    def _check_embed_precision(cls, v: str) -> str:
-        v = str(v).lower()
-        if v not in {"auto", "fp32", "bf16"}:
-            raise ValueError("embed_precision must be auto, fp32 or bf16")
+        choices = _CHOICES[info.field_name]
+        if v not in choices:
+            raise ValueError(f"{info.field_name} must be {', '.join(choices[:-1])} or {choices[-1]}")
         return v
 
     @field_validator("bf16")

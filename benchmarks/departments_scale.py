@@ -72,6 +72,7 @@ sys.path.insert(0, str(SHIM))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
+from serve_throughput import SERVE, free_port  # noqa: E402  (benchmarks/ is the script's folder)
 
 from ragpt.config import load_settings  # noqa: E402
 from ragpt.data.ingest import ingest  # noqa: E402
@@ -181,19 +182,6 @@ def write_config(work: Path, n: int, cache_size: int | None, router: bool = Fals
 
 
 # ---------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-SERVE = ("from ragpt.cli.main import app; from ragpt.cli.serve import serve\n"
-         "if not any(c.callback is serve for c in app.registered_commands): app.command()(serve)\n"
-         "app()")
 
 
 def sub_env(threads: int) -> dict:

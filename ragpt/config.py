@@ -48,6 +48,7 @@ def config_file_path() -> Path:
 # Settings that take one of a few words (any case), and those words.
 _CHOICES: dict[str, tuple[str, ...]] = {
     "chunk_splitter": ("recursive", "sentences"),
+    "decode_engine": ("auto", "packed", "padded"),
     "embed_precision": ("auto", "fp32", "bf16"),
     "index_type": ("auto", "flat", "ivf"),
 }
@@ -100,6 +101,11 @@ class Settings(BaseSettings):
     # bf16 autocast for the frozen model's forward passes (CPU with AVX-512/AMX, or GPU).
     # "auto" turns it on where the CPU supports bf16 natively.
     bf16: str = "auto"
+    # How batched rows run through the model: "packed" (rows side by side without padding, each
+    # row's keys and values in its own buffer: rows join and leave a running batch without copies;
+    # ragpt.lm.packed), "padded" (rows left-padded to one length), or "auto" (packed where the
+    # model supports it: plain KV cache, SDPA or eager attention).
+    decode_engine: str = "auto"
     threads: int = Field(0, ge=0)  # 0: leave torch's default
 
     @field_validator(*_CHOICES)

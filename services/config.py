@@ -131,9 +131,11 @@ class BatchingConfig(_Strict):
     # static: a batch gathered for max_wait_ms runs until its last row finishes.
     scheduler: Literal["continuous", "static"] = "continuous"
     max_batch_size: int = Field(8, ge=1, le=256)  # rows decoded together
-    max_prefill_tokens: int = Field(1024, ge=16, le=65536)  # continuous: prompt tokens run per step
-    # continuous: rows join a few at a time (a quarter of the slots), waiting at most this long
-    max_join_wait_ms: float = Field(200.0, ge=0, le=10_000)
+    # continuous: prompt positions run per step; a prompt over it runs in chunks
+    max_prefill_tokens: int = Field(512, ge=16, le=65536)
+    # continuous: while rows decode, a long prompt's chunk makes a step at most this many times a
+    # decode step (chunks sized from measured step times)
+    long_prompt_slowdown: float = Field(1.4, gt=1.0, le=100.0)
     max_wait_ms: float = Field(5.0, ge=0, le=1000)  # static: how long a batch gathers
     max_queue: int = Field(64, ge=1)
     policy: Literal["mixed", "per_department"] = "mixed"  # static only

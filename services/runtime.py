@@ -167,10 +167,13 @@ class ServiceRuntime:
                 rc = cfg.router
                 self.router = DepartmentRouter(embedder, vectors, method=rc.method, top_m=rc.top_m,
                                                temperature=rc.temperature)
-            if b.scheduler == "continuous":
+            if b.scheduler == "continuous" and generator.engine is None:
+                log.warning("continuous batching needs the packed engine, which this model or decode_engine "
+                            "setting does not allow: batching statically")
+            if b.scheduler == "continuous" and generator.engine is not None:
                 self.batcher = ContinuousBatcher(generator, max_batch_size=b.max_batch_size, max_queue=b.max_queue,
                                                  max_prefill_tokens=b.max_prefill_tokens,
-                                                 max_join_wait_ms=b.max_join_wait_ms)
+                                                 long_prompt_slowdown=b.long_prompt_slowdown)
             else:
                 self.batcher = MicroBatcher(generator, max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms,
                                             max_queue=b.max_queue, policy=b.policy)

@@ -1,18 +1,20 @@
 """Batched generation with the frozen model, each row optionally carrying its own soft prompt.
 
-A soft prompt is an (n_tokens x hidden) tensor prepended to the row's input embeddings.
-Rows are left-padded to a common length; the attention mask hides the padding and position
-ids count only real positions, so each row computes exactly what it would alone.
-With no soft prompt the output equals `model.generate` on the same ids (tested).
+A soft prompt is an (n_tokens x hidden) tensor placed before the row's input embeddings.
+Rows run packed side by side (`ragpt.lm.packed`: no padding, each row's keys and values in its
+own buffer), or, for models that engine does not take, left-padded to a common length with an
+attention mask hiding the padding and position ids counting only real positions. Either way
+each row computes what it would alone; with no soft prompt the output equals `model.generate`
+on the same ids (tested).
 
 A deep soft prompt (depth x n_tokens x hidden, `ragpt.softprompts.deep`) also sets the inputs of
 the prompt positions at the first `depth` decoder layers; it always enters through its prefix
 KV (computed with those inputs in place), never inline.
 
 A soft prompt is a fixed prefix, so its key/value cache can be computed once per prompt
-version and reused (`PrefixCache`, keyed e.g. by (department, version)). A batch then lays
-out its cache as [left pad | prefix KV] in the first S slots and [pad | token ids] after:
-the attention mask hides both pads and row i's tokens take positions n_i + 0..L_i-1, exactly
+version and reused (`PrefixCache`, keyed e.g. by (department, version)). A packed row starts
+with that KV in its buffer; a padded batch lays out its cache as [left pad | prefix KV] in the
+first S slots and [pad | token ids] after, row i's tokens at positions n_i + 0..L_i-1, exactly
 where they would sit after their n_i soft-prompt positions in an unbatched run.
 """
 
@@ -29,6 +31,8 @@ from pathlib import Path
 import torch
 
 from ragpt.errors import SoftPromptError
+from ragpt.lm.models import inference_model
+from ragpt.lm.packed import PackedEngine, RowKV, Segment
 from ragpt.lm.repetition import RepetitionGuard
 from ragpt.softprompts.deep import decoder_layers, deep_prompt_inputs, input_slice, prompt_tokens
 
@@ -189,14 +193,16 @@ def load_generator(settings) -> Generator:
     from ragpt.lm.models import load_generator_model
 
     model, tokenizer = load_generator_model(settings)
-    return Generator(model, tokenizer, bf16=resolve_bf16(settings.bf16))
+    engine = settings.decode_engine
+    if engine == "packed" and not PackedEngine.supported(inference_model(model, resolve_bf16(settings.bf16))):
+        raise ValueError("decode_engine = packed needs a model with a plain KV cache and SDPA or eager attention; "
+                         "use auto or padded")
+    return Generator(model, tokenizer, bf16=resolve_bf16(settings.bf16), packed=engine != "padded")
 
 
 class Generator:
     def __init__(self, model, tokenizer, *, bf16: bool = False, prefix_cache_size: int = 64,
-                 stop_repetition: bool = True):
-        from ragpt.lm.models import inference_model
-
+                 stop_repetition: bool = True, packed: bool = True):
         # bf16 runs on a bf16 copy of the frozen weights (see models.inference_model for why not
         # autocast); the fp32 original stays the base model's identity (fingerprints).
         self.base_model = model
@@ -216,6 +222,8 @@ class Generator:
         self.prefix_cache = PrefixCache(prefix_cache_size)
         self._prefix_ok: bool | None = None
         self.stop_repetition = stop_repetition  # see ragpt.lm.repetition; off only to measure it
+        # Packed decoding (ragpt.lm.packed) where the model allows it; the padded path otherwise.
+        self.engine = PackedEngine(model) if packed and PackedEngine.supported(model) else None
 
     def repetition_guard(self) -> RepetitionGuard | None:
         """A fresh loop detector for one row, or None when the rule is switched off."""
@@ -335,10 +343,10 @@ class Generator:
                 mask[i, S - p.n_tokens:] = 1
         return DynamicCache(data, config=self.model.config), mask, S
 
-    # ------------------------------------------------------------------ decoding primitives
-    # A scheduler composes these: `prefill` rows (all at once, or a long prompt in chunks with
-    # `extend`), `regroup` them with the running batch (rows that left dropped), `pick` each row's
-    # next token, `advance` them one token. `stream` is the static composition of the same.
+    # ------------------------------------------------------------------ padded decoding
+    # The path for models the packed engine does not take (and for `decode_engine = padded`):
+    # `prefill` rows left-padded into one batch, `pick` each row's next token, `advance` them one
+    # token. `stream` composes them when the generator has no packed engine.
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[Sequence[int]], soft_prompts: Sequence[torch.Tensor | None] | None = None,
@@ -390,20 +398,6 @@ class Generator:
         return DecodeState(output_cache(out), mask, pos[:, -1:], out.logits[:, -1, :].float())
 
     @torch.inference_mode()
-    def extend(self, state: DecodeState, ids: Sequence[int]) -> DecodeState:
-        """Feed more prompt tokens to a one-row state: the next chunk of a long prompt's prefill."""
-        if state.size != 1 or not ids:
-            raise ValueError("extend takes a one-row state and at least one token")
-        n = len(ids)
-        device = state.mask.device
-        mask = torch.cat([state.mask, torch.ones((1, n), dtype=state.mask.dtype, device=device)], dim=1)
-        pos = state.pos + torch.arange(1, n + 1, device=device)[None]
-        with self.autocast():
-            out = self.model(input_ids=torch.tensor([list(ids)], device=device), attention_mask=mask,
-                             position_ids=pos, use_cache=True, logits_to_keep=1, **{self._cache_kw: state.cache})
-        return DecodeState(output_cache(out), mask, pos[:, -1:], out.logits[:, -1, :].float())
-
-    @torch.inference_mode()
     def advance(self, state: DecodeState, tokens: torch.Tensor) -> DecodeState:
         """One decoding step: every row takes its token (B,) and gets the logits of the next."""
         mask = torch.cat([state.mask, torch.ones((state.size, 1), dtype=state.mask.dtype,
@@ -414,46 +408,97 @@ class Generator:
                              position_ids=pos, use_cache=True, **{self._cache_kw: state.cache})
         return DecodeState(output_cache(out), mask, pos, out.logits[:, -1, :].float())
 
-    def regroup(self, parts: Sequence[tuple[DecodeState, Sequence[int] | None]]) -> DecodeState:
-        """One batch of the chosen rows of several states (None: all rows), in order: caches and masks
-        left-padded to the longest, padding columns no row needs dropped. Each key/value is copied once."""
-        from transformers import DynamicCache
+    # ------------------------------------------------------------------ packed rows (ragpt.lm.packed)
+    # A row's storage is made once with its soft prompt in place (`start_row`); its prompt then runs
+    # in one or more packed steps and it decodes one token per step beside any other rows.
 
-        chosen = []  # (state, row indices, first used column)
-        for state, rows in parts:
-            idx = list(range(state.size)) if rows is None else list(rows)
-            if not idx:
-                continue
-            used = state.mask[idx].any(dim=0).nonzero()
-            chosen.append((state, idx, int(used[0]) if len(used) else state.mask.shape[1]))
-        if not chosen:
-            raise ValueError("regroup needs at least one row")
-        S = max(s.mask.shape[1] - start for s, _, start in chosen)
-        B = sum(len(idx) for _, idx, _ in chosen)
-        first = chosen[0][0]
-        mask = first.mask.new_zeros((B, S))
-        layers = []
-        for layer in range(len(first.cache.layers)):
-            k0 = first.cache.layers[layer].keys
-            keys = k0.new_zeros((B, k0.shape[1], S, k0.shape[3]))
-            values = torch.zeros_like(keys)
-            b = 0
-            for s, idx, start in chosen:
-                width = s.mask.shape[1] - start
-                k, v = s.cache.layers[layer].keys, s.cache.layers[layer].values
-                for i in idx:
-                    keys[b, :, S - width:] = k[i, :, start:]
-                    values[b, :, S - width:] = v[i, :, start:]
-                    b += 1
-            layers.append((keys, values))
-        b = 0
-        for s, idx, start in chosen:
-            width = s.mask.shape[1] - start
-            mask[b:b + len(idx), S - width:] = s.mask[idx, start:]
-            b += len(idx)
-        pos = torch.cat([s.pos[idx] for s, idx, _ in chosen])
-        logits = torch.cat([s.logits[idx] for s, idx, _ in chosen])
-        return DecodeState(DynamicCache(layers, config=self.model.config), mask, pos, logits)
+    def start_row(self, n_ids: int, soft_prompt: torch.Tensor | None, prefix_key: Hashable | None,
+                  max_new_tokens: int) -> tuple[RowKV, torch.Tensor | None]:
+        """A new row's KV storage, sized for its whole length, and the vectors to run before its ids.
+
+        Its soft prompt comes from the prefix KV cache when it has a key (or is deep), exactly as in
+        `prefill`; otherwise it is returned to be run inline, in front of the ids."""
+        if self.engine is None:
+            raise RuntimeError("this generator has no packed engine (decode_engine = padded, or the model "
+                               "lacks support)")
+        n_soft = 0 if soft_prompt is None else int(self.check_soft_prompt(soft_prompt).shape[-2])
+        row = self.engine.new_row(n_soft + n_ids + max_new_tokens)
+        if soft_prompt is None:
+            return row, None
+        if prefix_key is not None:
+            prefix = self.prefix_for(prefix_key, soft_prompt)
+        elif soft_prompt.dim() == 3:
+            prefix = self.compute_prefix(soft_prompt)
+        else:
+            return row, soft_prompt
+        row.load_prefix(prefix.keys, prefix.values)
+        return row, None
+
+    # Prompt tokens run in one packed forward at most (longer batches of prompts run in several).
+    PACKED_PREFILL_TOKENS = 4096
+
+    def run_prompts(self, segments: Sequence[Segment], budget: int | None = None) -> torch.Tensor:
+        """Run whole prompts (one segment per row) in packed steps of at most `budget` positions;
+        returns each row's next-token logits (float32, one per segment, in order)."""
+        budget = budget or self.PACKED_PREFILL_TOKENS
+        out: list[torch.Tensor | None] = [None] * len(segments)
+        step: list[tuple[int | None, Segment]] = []
+        used = 0
+
+        def flush():
+            nonlocal step, used
+            if step:
+                logits = self.engine.step([s for _, s in step])
+                wanted = [i for i, s in step if s.logits]
+                for j, i in enumerate(wanted):
+                    out[i] = logits[j]
+            step, used = [], 0
+
+        for i, seg in enumerate(segments):
+            ids, embeds = list(seg.ids), seg.embeds
+            while True:
+                room = budget - used
+                n_embeds = 0 if embeds is None else int(embeds.shape[0])
+                if n_embeds + len(ids) <= room:
+                    step.append((i, Segment(seg.row, ids, embeds)))
+                    used += n_embeds + len(ids)
+                    break
+                take = room - n_embeds
+                if take < 1:  # not even the inline vectors and one id fit: next step
+                    flush()
+                    continue
+                step.append((None, Segment(seg.row, ids[:take], embeds, logits=False)))
+                ids, embeds = ids[take:], None
+                flush()
+        flush()
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def _stream_packed(self, rows, soft_prompts, max_new, temps, gen, prefix_keys) -> Iterator[list[int | None]]:
+        B = len(rows)
+        kv, segments = [], []
+        for i, ids in enumerate(rows):
+            row, embeds = self.start_row(len(ids), soft_prompts[i], prefix_keys[i], max_new[i])
+            kv.append(row)
+            segments.append(Segment(row, list(ids), embeds))
+        logits = self.run_prompts(segments)
+        temps_t = torch.tensor(temps, dtype=torch.float32)
+        live = list(range(B))  # rows still generating, in the order of `logits`
+        produced = [0] * B
+        guards = [self.repetition_guard() for _ in range(B)]
+        while live:
+            nxt = self.pick(logits, temps_t[live], gen).tolist()
+            step: list[int | None] = [None] * B
+            going = []
+            for i, t in zip(live, nxt):
+                step[i] = t
+                produced[i] += 1
+                looping = guards[i] is not None and guards[i].push(t)
+                if not (t in self.stop_ids or produced[i] >= max_new[i] or looping):
+                    going.append((i, t))
+            yield step
+            live = [i for i, _ in going]
+            if live:
+                logits = self.engine.step([Segment(kv[i], [t]) for i, t in going])
 
     @torch.inference_mode()
     def stream(
@@ -475,6 +520,13 @@ class Generator:
         max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
         temps = [float(temperature)] * B if isinstance(temperature, (int, float)) else list(temperature)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if self.engine is not None:
+            soft = list(soft_prompts) if soft_prompts is not None else [None] * B
+            keys = list(prefix_keys) if prefix_keys is not None else [None] * B
+            if len(keys) != B or len(soft) != B:
+                raise ValueError("one soft prompt and one prefix key (or None) per row expected")
+            yield from self._stream_packed(rows, soft, max_new, temps, gen, keys)
+            return
         temps_t = torch.tensor(temps, dtype=torch.float32)
         state = self.prefill(rows, soft_prompts, prefix_keys)
         done = torch.zeros(B, dtype=torch.bool)

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ragpt.errors import RagptError
-from ragpt.lm.generator import DecodeState, Generator
+from ragpt.lm.generator import Generator
+from ragpt.lm.packed import RowKV, Segment
 from ragpt.serving.pipeline import Pipeline
 from ragpt.serving.request import Answer, ChatRequest, PreparedRequest, RowDecoder, decode, prepare_many
 from ragpt.serving.streaming import LoopChannel
@@ -315,152 +316,105 @@ class MicroBatcher:
 
 
 @dataclass(eq=False)
-class _Prefill:
-    """A prepared row whose prompt is being run, possibly in chunks over several steps."""
+class _Row:
+    """An admitted request: its KV storage, how much of its prompt has run, the token it feeds next."""
 
     ticket: Ticket
     decoder: RowDecoder
-    offset: int = 0  # prompt tokens already run
-    state: DecodeState | None = None
+    kv: RowKV
+    embeds: torch.Tensor | None  # a soft prompt run inline, before the ids (None once run, or none)
+    long: bool = False  # its prompt is over the step budget: it runs in chunks
+    offset: int = 0  # prompt ids already run
+    next_token: int | None = None  # decoding: the token to feed in the next step
 
     @property
     def remaining(self) -> int:
-        return len(self.decoder.prepared.ids) - self.offset
+        """Prompt positions still to run (0: the row decodes)."""
+        inline = 0 if self.embeds is None else int(self.embeds.shape[0])
+        return inline + len(self.decoder.prepared.ids) - self.offset
 
 
-# Rows whose prompt is longer decode in a group of their own: one batch pads every row to its longest
-# cache, so a near-window prompt among short ones would make every short row attend over its length.
-LONG_PROMPT_TOKENS = 2048
+# The smallest chunk a long prompt advances by while other rows decode (so it always progresses).
+MIN_LONG_CHUNK = 16
 
 
-@dataclass(eq=False)
-class _Group:
-    """Rows decoded together; a row that has left stays (as None) until the group is next rebuilt."""
+class StepTimes:
+    """Measured seconds of decode-only steps by the number of rows, to size a long prompt's chunks."""
 
-    state: DecodeState | None = None
-    rows: list = field(default_factory=list)  # (ticket, decoder) per state row, None once it has left
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.by_rows: dict[int, float] = {}
 
-    @property
-    def alive(self) -> list[int]:
-        return [i for i, r in enumerate(self.rows) if r is not None]
+    def observe(self, rows: int, seconds: float) -> None:
+        old = self.by_rows.get(rows)
+        self.by_rows[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+    def estimate(self, rows: int) -> float | None:
+        """The measured time at this row count, else at the nearest one measured (None: none yet)."""
+        if rows in self.by_rows:
+            return self.by_rows[rows]
+        if not self.by_rows:
+            return None
+        nearest = min(self.by_rows, key=lambda r: (abs(r - rows), r))
+        return self.by_rows[nearest]
 
 
 class ContinuousBatcher(MicroBatcher):
-    """Iteration-level scheduling over prepared requests.
+    """Iteration-level scheduling over prepared requests, on the packed engine (`ragpt.lm.packed`).
 
-    Each step of the worker: admit waiting requests while the batch has room (prepared with the
-    one request path), run prompts under a per-step token budget (`max_prefill_tokens`: short
-    prompts whole and batched, a long one in chunks, so it never stalls the others for more than
-    one chunk per step), add the rows whose prompt is done to the running batch, then give every
-    running row its next token. A finished or cancelled row frees its slot at once; its cache rows
-    are dropped when the batch is next rebuilt (when rows join, or when half of it has left), so
-    that each rebuild copies the cache once. Prompts over `LONG_PROMPT_TOKENS` decode in a group of
-    their own. Each row keeps its own department's soft prompt (prefix KV cache), and greedy
-    output equals running the request alone.
+    Each step is one packed forward: every running row's next token, and prompt positions under a
+    per-step budget (`max_prefill_tokens`). A waiting request is admitted (prepared with the one
+    request path) as soon as a row is free; its prompt joins the next step whole when it fits the
+    budget (shortest first), so short requests start decoding at once. A prompt longer than the
+    budget runs in chunks, one such prompt per step (the one closest to done; every other step the
+    oldest, which so always progresses), in steps without a whole prompt. While other rows decode,
+    its chunk is sized from measured step times so that the step takes at most
+    `long_prompt_slowdown` times a decode step (at least `MIN_LONG_CHUNK` positions); with nothing
+    decoding it gets half the budget. A finished or
+    cancelled row leaves at once and its storage is dropped; nothing else is copied. Each row keeps
+    its own department's soft prompt (prefix KV cache), and greedy output equals the request alone.
     """
 
     def __init__(self, generator: Generator, *, max_batch_size: int = 8, max_queue: int = 64,
-                 max_prefill_tokens: int = 1024, max_join_wait_ms: float = 200.0, policy: str = "mixed"):
+                 max_prefill_tokens: int = 512, long_prompt_slowdown: float = 1.4, policy: str = "mixed"):
         super().__init__(generator, max_batch_size=max_batch_size, max_wait_ms=0, max_queue=max_queue,
                          policy=policy)
-        if max_prefill_tokens < 1 or max_join_wait_ms < 0:
-            raise ValueError("max_prefill_tokens must be >= 1 and max_join_wait_ms >= 0")
+        if generator.engine is None:
+            raise ValueError("continuous batching needs the packed engine (decode_engine auto or packed, and a "
+                             "model with a plain KV cache and SDPA or eager attention); use scheduler = static")
+        if max_prefill_tokens < MIN_LONG_CHUNK or long_prompt_slowdown <= 1.0:
+            raise ValueError(f"max_prefill_tokens must be >= {MIN_LONG_CHUNK} and long_prompt_slowdown > 1")
         self.max_prefill_tokens = max_prefill_tokens
-        # Rows join a running batch a few at a time (each join copies its cache once): when a quarter
-        # of the slots are free, or when the oldest waiting request has waited this long.
-        self.max_join_wait_s = max_join_wait_ms / 1000.0
-        self.steps = 0  # decode steps run (for tests and metrics)
+        self.long_prompt_slowdown = long_prompt_slowdown
+        self.steps = 0  # packed steps run (for tests and metrics)
+        self.step_times = StepTimes()
+        self._long_chunk = max(MIN_LONG_CHUNK, max_prefill_tokens // 8)
 
     def _loop(self) -> None:
-        groups = {"short": _Group(), "long": _Group()}
-        prefilling: deque[_Prefill] = deque()
+        rows: list[_Row] = []
         while True:
             with self._cond:
-                while self._running and not self.running_rows and not prefilling and (
-                        self._held or not self._waiting):
+                while self._running and not rows and (self._held or not self._waiting):
                     self._cond.wait()
                 if not self._running:
                     break
-                room = self.max_batch_size - self.running_rows - len(prefilling)
-                admitted = self._admit(room) if room > 0 and not self._held and self._may_join(room) else []
+                room = self.max_batch_size - len(rows)
+                admitted = self._admit(room) if room > 0 and not self._held and self._waiting else []
             try:
                 if admitted:
-                    prefilling.extend(_Prefill(t, d) for t, d in self._prepare(admitted))
-                self._join(groups, self._prefill_step(prefilling))
-                for g in groups.values():
-                    if g.alive:
-                        self._decode_step(g)
-                self.running_rows = sum(len(g.alive) for g in groups.values())
-                self.prefilling_rows = len(prefilling)
+                    rows.extend(self._start(admitted))
+                rows = [r for r in rows if not r.ticket.cancelled]
+                if rows:
+                    rows = self._step(rows)
+                self.running_rows = sum(1 for r in rows if not r.remaining)
+                self.prefilling_rows = len(rows) - self.running_rows
             except Exception as e:  # a bug, not a bad request: fail what is in flight, keep the worker alive
-                for g in groups.values():
-                    for i in g.alive:
-                        g.rows[i][0]._emit("error", e)
-                for p in prefilling:
-                    p.ticket._emit("error", e)
-                groups = {"short": _Group(), "long": _Group()}
-                prefilling = deque()
+                for r in rows:
+                    r.ticket._emit("error", e)
+                rows = []
                 self.running_rows = self.prefilling_rows = 0
-        for g in groups.values():
-            for i in g.alive:
-                g.rows[i][0]._emit("error", BatcherStopped("the service is shutting down"))
-        for p in prefilling:
-            p.ticket._emit("error", BatcherStopped("the service is shutting down"))
-
-    def _may_join(self, room: int) -> bool:
-        if not self._waiting:
-            return False
-        if not self.running_rows or room >= max(1, self.max_batch_size // 4):
-            return True
-        return time.perf_counter() - self._waiting[0].enqueued >= self.max_join_wait_s
-
-    def _join(self, groups: dict[str, _Group], ready: list[tuple[DecodeState, list[tuple[Ticket, RowDecoder]]]]
-              ) -> None:
-        """Add the rows whose prompt is done to their group; rebuild a group (one copy of its cache) when
-        rows join it or half of its rows have left."""
-        joining: dict[str, list[tuple[DecodeState, list[int], list]]] = {name: [] for name in groups}
-        for state, rows in ready:
-            for name in groups:
-                idx = [i for i, (_, d) in enumerate(rows)
-                       if (len(d.prepared.ids) > LONG_PROMPT_TOKENS) == (name == "long")]
-                if idx:
-                    joining[name].append((state, idx, [rows[i] for i in idx]))
-        for name, g in groups.items():
-            new = joining[name]
-            alive = g.alive
-            if not new and not (g.rows and 2 * (len(g.rows) - len(alive)) >= len(g.rows)):
-                continue
-            parts = ([(g.state, alive)] if alive else []) + [(s, idx) for s, idx, _ in new]
-            g.rows = [g.rows[i] for i in alive] + [r for _, _, rows in new for r in rows]
-            g.state = self.generator.regroup(parts) if parts else None
-            if new:
-                self.stats.record([d.prepared.department for _, _, rows in new for _, d in rows])
-
-    def _decode_step(self, g: _Group) -> None:
-        """Every running row of the group takes its next token; finished and cancelled rows leave."""
-        gen = self.generator
-        temps = torch.tensor([0.0 if r is None else r[1].prepared.temperature for r in g.rows], dtype=torch.float32)
-        tokens = gen.pick(g.state.logits, temps)
-        n_alive = len(g.alive)
-        for i, tok in enumerate(tokens.tolist()):
-            if g.rows[i] is None:
-                continue
-            t, d = g.rows[i]
-            if t.cancelled:
-                g.rows[i] = None
-                continue
-            piece = d.push(tok)
-            if piece:
-                t._emit("delta", piece)
-            if d.done:
-                self._finish(t, d, n_alive)
-                g.rows[i] = None
-        self.steps += 1
-        if not g.alive:
-            g.state, g.rows = None, []
-            return
-        left = torch.tensor([r is None for r in g.rows])
-        g.state = gen.advance(g.state, torch.where(left, torch.full_like(tokens, gen.pad_id), tokens))
+        for r in rows:
+            r.ticket._emit("error", BatcherStopped("the service is shutting down"))
 
     def _admit(self, room: int) -> list[Ticket]:
         live = [t for t in self._waiting if not t.cancelled][:room]
@@ -468,48 +422,96 @@ class ContinuousBatcher(MicroBatcher):
         self._waiting = deque(t for t in self._waiting if id(t) not in chosen and not t.cancelled)
         return live
 
-    def _prefill_step(self, prefilling: deque[_Prefill]) -> list[tuple[DecodeState, list[tuple[Ticket, RowDecoder]]]]:
-        """Run prompts within this step's token budget; return (state, rows) of the prompts now complete.
-
-        The budget goes to the prompts with the fewest tokens left first (short prompts start decoding
-        soon), except that the oldest prompt, when it is long, keeps half of it (it always progresses).
-        Prompts run whole from the start share one batched prefill; the others advance by a chunk."""
-        for p in [p for p in prefilling if p.ticket.cancelled]:
-            prefilling.remove(p)
-        if not prefilling:
-            return []
-        oldest = prefilling[0]
-        reserve = self.max_prefill_tokens // 2 if oldest.remaining > self.max_prefill_tokens // 2 else 0
-        left = self.max_prefill_tokens - reserve
-        plan: dict[int, int] = {}  # id(prefill) -> tokens this step
-        for p in sorted(prefilling, key=lambda p: p.remaining):
-            if left <= 0:
-                break
-            if p is oldest and reserve:
+    def _start(self, admitted: list[Ticket]) -> list[_Row]:
+        out = []
+        for t, d in self._prepare(admitted):
+            p = d.prepared
+            try:
+                kv, embeds = self.generator.start_row(len(p.ids), p.soft_prompt, p.prefix_key, p.max_new_tokens)
+            except Exception as e:  # noqa: BLE001 - this request's soft prompt, not the batch
+                t._emit("error", e)
                 continue
-            plan[id(p)] = min(p.remaining, left)
-            left -= plan[id(p)]
-        if reserve:
-            plan[id(oldest)] = min(oldest.remaining, reserve + left)
-        gen = self.generator
-        ready = []
-        whole = [p for p in prefilling if id(p) in plan and p.offset == 0 and plan[id(p)] == p.remaining]
-        if whole:
-            rows = [p.decoder.prepared for p in whole]
-            state = gen.prefill([r.ids for r in rows], [r.soft_prompt for r in rows], [r.prefix_key for r in rows])
-            ready.append((state, [(p.ticket, p.decoder) for p in whole]))
-            for p in whole:
-                p.offset = len(p.decoder.prepared.ids)
-        for p in [p for p in prefilling if id(p) in plan and p.remaining > 0]:
-            r = p.decoder.prepared
-            piece = r.ids[p.offset:p.offset + plan[id(p)]]
-            if p.offset == 0:
-                p.state = gen.prefill([piece], [r.soft_prompt], [r.prefix_key])
-            else:
-                p.state = gen.extend(p.state, piece)
-            p.offset += len(piece)
-            if p.remaining == 0:
-                ready.append((p.state, [(p.ticket, p.decoder)]))
-        for p in [p for p in prefilling if p.remaining == 0]:
-            prefilling.remove(p)
-        return ready
+            row = _Row(t, d, kv, embeds)
+            row.long = row.remaining > self.max_prefill_tokens
+            out.append(row)
+        if out:
+            self.stats.record([r.decoder.prepared.department for r in out])
+        return out
+
+    def _plan(self, rows: list[_Row]) -> list[tuple[_Row, Segment]]:
+        """This step's segments: every decoding row's token, then prompt positions within the budget."""
+        plan = [(r, Segment(r.kv, [r.next_token])) for r in rows if not r.remaining]
+        decoding = len(plan)
+        left = self.max_prefill_tokens
+        prompts = sorted((r for r in rows if r.remaining), key=lambda r: r.remaining)
+        for r in prompts:  # whole prompts, shortest first
+            if not r.long and r.remaining <= left:
+                plan.append((r, self._prompt_segment(r, r.remaining)))
+                left -= r.remaining
+        if len(plan) == decoding:  # no whole prompt this step: a chunk of the oldest long one
+            longs = [r for r in rows if r.long and r.remaining]
+            if longs:  # the one closest to done; every other step the oldest, so that it always progresses
+                long = longs[0] if self.steps % 2 else min(longs, key=lambda r: r.remaining)
+                cap = self._long_chunk if decoding else self.max_prefill_tokens // 2
+                plan.append((long, self._prompt_segment(long, min(long.remaining, cap))))
+        return plan
+
+    @staticmethod
+    def _prompt_segment(r: _Row, n: int) -> Segment:
+        """The next `n` prompt positions of `r` (its inline soft prompt first); logits if they end it."""
+        embeds = r.embeds
+        n_ids = n - (0 if embeds is None else int(embeds.shape[0]))
+        if n_ids < 0:  # a chunk never splits the inline vectors: they run together
+            n_ids = 0
+        ids = r.decoder.prepared.ids[r.offset:r.offset + n_ids]
+        return Segment(r.kv, ids, embeds, logits=(n_ids == len(r.decoder.prepared.ids) - r.offset))
+
+    def _step(self, rows: list[_Row]) -> list[_Row]:
+        """Run one packed step; rows that finished leave. Returns the rows still in flight."""
+        plan = self._plan(rows)
+        if not plan:
+            return rows
+        decoding = sum(1 for r, _ in plan if not r.remaining)
+        prompt_positions = sum(s.size for r, s in plan if r.remaining)
+        long_chunk = any(r.long and r.remaining for r, _ in plan)
+        t0 = time.perf_counter()
+        logits = self.generator.engine.step([s for _, s in plan])
+        elapsed = time.perf_counter() - t0
+        self.steps += 1
+        self._learn(decoding, prompt_positions, long_chunk, elapsed)
+        wanted = []
+        for r, seg in plan:
+            if r.remaining:  # a prompt segment
+                r.embeds = None
+                r.offset += len(seg.ids)
+            if seg.logits:
+                wanted.append(r)
+        if wanted:
+            temps = torch.tensor([r.decoder.prepared.temperature for r in wanted], dtype=torch.float32)
+            tokens = self.generator.pick(logits, temps).tolist()
+            n_rows = len(rows)
+            for r, tok in zip(wanted, tokens):
+                t, d = r.ticket, r.decoder
+                piece = d.push(tok)
+                if piece and not t.cancelled:
+                    t._emit("delta", piece)
+                if d.done:
+                    self._finish(t, d, n_rows)
+                else:
+                    r.next_token = tok
+        return [r for r in rows if not r.decoder.done and not r.ticket.cancelled]
+
+    def _learn(self, decoding: int, prompt_positions: int, long_chunk: bool, elapsed: float) -> None:
+        """Decode-only steps teach the step time; a step with a long prompt's chunk beside decoding
+        rows resizes the next chunk toward `long_prompt_slowdown` times a decode step."""
+        if decoding and not prompt_positions:
+            self.step_times.observe(decoding, elapsed)
+            return
+        if not (decoding and long_chunk):
+            return
+        base = self.step_times.estimate(decoding)
+        if base is None:
+            return
+        extra, target = elapsed - base, (self.long_prompt_slowdown - 1.0) * base
+        factor = 2.0 if extra <= 0 else min(2.0, max(0.5, target / extra))
+        self._long_chunk = int(min(self.max_prefill_tokens, max(MIN_LONG_CHUNK, round(self._long_chunk * factor))))

@@ -133,9 +133,9 @@ class BatchingConfig(_Strict):
     max_batch_size: int = Field(8, ge=1, le=256)  # rows decoded together
     # continuous: prompt positions run per step; a prompt over it runs in chunks
     max_prefill_tokens: int = Field(512, ge=16, le=65536)
-    # continuous: while rows decode, a long prompt's chunk makes a step at most this many times a
-    # decode step (chunks sized from measured step times)
-    long_prompt_slowdown: float = Field(1.4, gt=1.0, le=100.0)
+    # continuous: while rows decode, a prompt over max_prefill_tokens runs in chunks that make steps
+    # at most this many times a decode step on average (sized and spaced from measured step times)
+    long_prompt_slowdown: float = Field(1.3, gt=1.0, le=100.0)
     max_wait_ms: float = Field(5.0, ge=0, le=1000)  # static: how long a batch gathers
     max_queue: int = Field(64, ge=1)
     policy: Literal["mixed", "per_department"] = "mixed"  # static only

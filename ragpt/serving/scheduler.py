@@ -368,15 +368,16 @@ class ContinuousBatcher(MicroBatcher):
     budget (shortest first), so short requests start decoding at once. A prompt longer than the
     budget runs in chunks, one such prompt per step (the one closest to done; every other step the
     oldest, which so always progresses), in steps without a whole prompt. While other rows decode,
-    its chunk is sized from measured step times so that the step takes at most
-    `long_prompt_slowdown` times a decode step (at least `MIN_LONG_CHUNK` positions); with nothing
-    decoding it gets half the budget. A finished or
+    chunks are sized from measured step times to cost about one decode step and run only as often
+    as keeps steps at `long_prompt_slowdown` times a decode step on average (a time credit); with
+    nothing decoding a chunk is a quarter of the budget (a request arriving then waits at most
+    that). A finished or
     cancelled row leaves at once and its storage is dropped; nothing else is copied. Each row keeps
     its own department's soft prompt (prefix KV cache), and greedy output equals the request alone.
     """
 
     def __init__(self, generator: Generator, *, max_batch_size: int = 8, max_queue: int = 64,
-                 max_prefill_tokens: int = 512, long_prompt_slowdown: float = 1.4, policy: str = "mixed"):
+                 max_prefill_tokens: int = 512, long_prompt_slowdown: float = 1.3, policy: str = "mixed"):
         super().__init__(generator, max_batch_size=max_batch_size, max_wait_ms=0, max_queue=max_queue,
                          policy=policy)
         if generator.engine is None:
@@ -389,6 +390,11 @@ class ContinuousBatcher(MicroBatcher):
         self.steps = 0  # packed steps run (for tests and metrics)
         self.step_times = StepTimes()
         self._long_chunk = max(MIN_LONG_CHUNK, max_prefill_tokens // 8)
+        # Seconds of step time a long prompt may still take beside decoding rows: each step with
+        # decoding rows adds (long_prompt_slowdown - 1) x its decode time, each chunk spends what it
+        # cost. A chunk runs only when it is not in debt, so over time steps take at most
+        # long_prompt_slowdown times a decode step, however little a chunk can be made to cost.
+        self._credit = 0.0
 
     def _loop(self) -> None:
         rows: list[_Row] = []
@@ -450,9 +456,10 @@ class ContinuousBatcher(MicroBatcher):
                 left -= r.remaining
         if len(plan) == decoding:  # no whole prompt this step: a chunk of the oldest long one
             longs = [r for r in rows if r.long and r.remaining]
-            if longs:  # the one closest to done; every other step the oldest, so that it always progresses
+            if longs and (not decoding or self._credit >= 0):
+                # the one closest to done; every other step the oldest, so that it always progresses
                 long = longs[0] if self.steps % 2 else min(longs, key=lambda r: r.remaining)
-                cap = self._long_chunk if decoding else self.max_prefill_tokens // 2
+                cap = self._long_chunk if decoding else self.max_prefill_tokens // 4
                 plan.append((long, self._prompt_segment(long, min(long.remaining, cap))))
         return plan
 
@@ -502,16 +509,20 @@ class ContinuousBatcher(MicroBatcher):
         return [r for r in rows if not r.decoder.done and not r.ticket.cancelled]
 
     def _learn(self, decoding: int, prompt_positions: int, long_chunk: bool, elapsed: float) -> None:
-        """Decode-only steps teach the step time; a step with a long prompt's chunk beside decoding
-        rows resizes the next chunk toward `long_prompt_slowdown` times a decode step."""
+        """Decode-only steps teach the step time. Beside decoding rows, a step adds to the long prompts'
+        time credit and a step with a long prompt's chunk spends what the chunk cost; the next chunk
+        is resized so that it costs about one decode step."""
         if decoding and not prompt_positions:
             self.step_times.observe(decoding, elapsed)
-            return
-        if not (decoding and long_chunk):
+        if not decoding:
             return
         base = self.step_times.estimate(decoding)
         if base is None:
             return
-        extra, target = elapsed - base, (self.long_prompt_slowdown - 1.0) * base
-        factor = 2.0 if extra <= 0 else min(2.0, max(0.5, target / extra))
-        self._long_chunk = int(min(self.max_prefill_tokens, max(MIN_LONG_CHUNK, round(self._long_chunk * factor))))
+        self._credit = min(base, self._credit + (self.long_prompt_slowdown - 1.0) * base)
+        if long_chunk:
+            extra = max(0.0, elapsed - base)
+            self._credit = max(-60.0, self._credit - extra)
+            factor = 2.0 if extra <= 0 else min(2.0, max(0.5, base / extra))
+            self._long_chunk = int(min(self.max_prefill_tokens,
+                                       max(MIN_LONG_CHUNK, round(self._long_chunk * factor))))

@@ -2,22 +2,32 @@
 
 The service measures its own speed from the answers it finishes (exponentially weighted moving
 averages, `ServiceRate`): the fixed cost of a request (retrieval, prompt and first token), the time
-of each further token of a row, and the share of `max_tokens` answers actually use. From these a
-request that asks for `max_tokens` is expected to take
+of each further token of a row, the share of `max_tokens` answers actually use, and their prompt
+length. With continuous batching the scheduler also measures its steps (`CapacityModel`: a decode
+step's time by the number of rows, extrapolated along a line to row counts not seen yet, and the
+time per prompt position), which predicts the speed at a load not seen yet, e.g. a burst into a
+service measured at small batches. With `q` requests queued ahead and every one of the `slots`
+rows busy, a request is then expected to finish after
+
+    estimate = (q + 1) * work + row(own)
+
+where `work` is the worker time one request costs with every row busy (its prompt and its share
+of the decode steps: the service answers one request per `work` seconds) and `row(own)` its time
+once it has a row; with a row free at once, only `row(own)` at that many rows. Without that model
+(static batching) a request that asks for `max_tokens` is expected to take
 
     cost(max_tokens) = overhead_s + (max(1, fill * max_tokens) - 1) * token_s
 
-and a new request, with `live` requests queued or running ahead of it on `slots` rows
-(`batching.max_batch_size`), to finish after
+and, with `live` requests queued or running ahead of it, to finish after
 
     estimate = cost(own) + (sum of the remaining cost of those ahead / slots   if live >= slots, else 0)
 
-(a running request's remaining cost is its cost less the time it has run), both scaled by the
-measured ratio of actual to predicted time of finished requests (`calibration`). When the estimate is
-over `limits.request_timeout_s` the request is refused with 503 `overloaded` and a `Retry-After`
-of the seconds until the queue ahead would have drained enough for it to fit (rounded up, at
-least 1). A request that would start at once is always taken (no one ahead to wait for), and
-before any answer has been measured only the queue bound applies.
+(a running request's remaining cost is its cost less the time it has run). Both are scaled by the
+measured ratio of actual to predicted time of finished requests that had to wait (`calibration`).
+When the estimate is over `limits.request_timeout_s` the request is refused with 503 `overloaded`
+and a `Retry-After` of the seconds until the queue ahead would have drained enough for it to fit
+(rounded up, at least 1). A request that would start at once is always taken (no one ahead to
+wait for), and before any answer has been measured only the queue bound applies.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 ALPHA = 0.2  # weight of the newest observation in the moving averages
 
@@ -41,6 +52,7 @@ class ServiceRate:
         self.overhead_s: float | None = None  # prepare + first token of a request
         self.token_s: float | None = None  # each further token of a row, at the batch sizes seen
         self.fill: float | None = None  # completion tokens / max_tokens
+        self.prompt_tokens: float | None = None  # prompt positions of a request (soft prompt included)
         # Measured time from admission to answer over what was predicted then: the per-request speeds
         # above are measured at the batch sizes seen, and a full batch is slower per row than they say.
         self.calibration = 1.0
@@ -50,10 +62,13 @@ class ServiceRate:
     def measured(self) -> bool:
         return self.overhead_s is not None
 
-    def observe(self, timings: dict, completion_tokens: int, max_new_tokens: int) -> None:
+    def observe(self, timings: dict, completion_tokens: int, max_new_tokens: int,
+                prompt_tokens: int | None = None) -> None:
         """Learn from one finished answer: its `timings` (prepare_s, first_token_s, generate_s) and size."""
         if completion_tokens < 1:
             return
+        if prompt_tokens:
+            self.prompt_tokens = _ewma(self.prompt_tokens, float(prompt_tokens), self.alpha)
         first = float(timings.get("first_token_s", 0.0))
         generate = float(timings.get("generate_s", first))
         self.overhead_s = _ewma(self.overhead_s, float(timings.get("prepare_s", 0.0)) + first, self.alpha)
@@ -102,12 +117,24 @@ class Estimate:
         return self.cost_s + self.wait_s
 
 
+class CapacityModel(Protocol):
+    """What a scheduler that measures its steps predicts (`ragpt.serving.scheduler.ContinuousBatcher`)."""
+
+    def row_seconds(self, prompt_positions: float, new_tokens: float, rows: int) -> float | None: ...
+
+    def work_seconds(self, prompt_positions: float, new_tokens: float) -> float | None: ...
+
+
 def estimate(rate: ServiceRate, live: list[Live], slots: int, max_tokens: int,
-             now: float | None = None) -> Estimate | None:
+             now: float | None = None, model: CapacityModel | None = None) -> Estimate | None:
     """The expected finish of a new request of `max_tokens` behind `live`; None before any measurement."""
     own = rate.cost(max_tokens)
     if own is None:
         return None
+    if model is not None and rate.prompt_tokens is not None:
+        fitted = _model_estimate(rate, live, slots, max_tokens, model)
+        if fitted is not None:
+            return fitted
     own *= rate.calibration
     if len(live) < slots:
         return Estimate(own, 0.0, len(live))
@@ -117,6 +144,29 @@ def estimate(rate: ServiceRate, live: list[Live], slots: int, max_tokens: int,
         c = rate.cost(r.max_tokens) or 0.0
         ahead += max(0.0, c - (now - r.started)) if r.started is not None else c
     return Estimate(own, rate.calibration * ahead / slots, len(live))
+
+
+def _model_estimate(rate: ServiceRate, live: list[Live], slots: int, max_tokens: int,
+                    model: CapacityModel) -> Estimate | None:
+    def tokens(m: int) -> float:
+        return max(1.0, (rate.fill or 1.0) * m)
+
+    prompt = rate.prompt_tokens or 0.0
+    rows = min(slots, len(live) + 1)
+    own = model.row_seconds(prompt, tokens(max_tokens), rows)
+    if own is None:
+        return None
+    own *= rate.calibration
+    if len(live) < slots:
+        return Estimate(own, 0.0, len(live))
+    queued = [r for r in live if r.started is None]
+    # A row frees each time a request leaves: one per `work` seconds of the requests ahead.
+    work = [model.work_seconds(prompt, tokens(r.max_tokens)) for r in queued]
+    first = model.work_seconds(prompt, tokens(max_tokens))
+    if first is None or any(w is None for w in work):
+        return None
+    wait = sum(work) + first  # type: ignore[arg-type]
+    return Estimate(own, rate.calibration * wait, len(live))
 
 
 def retry_after_s(est: Estimate, timeout_s: float) -> int:

@@ -297,7 +297,9 @@ class ServiceRuntime:
     def estimate(self, max_tokens: int | None = None) -> Estimate | None:
         """When a new request of `max_tokens` would finish, from the measured speed (None: nothing measured)."""
         slots = self.batcher.max_batch_size if self.batcher is not None else self.config.batching.max_batch_size
-        return estimate(self.rate, list(self._live.values()), slots, max_tokens or self.default_max_tokens)
+        model = self.batcher if isinstance(self.batcher, ContinuousBatcher) else None
+        return estimate(self.rate, list(self._live.values()), slots, max_tokens or self.default_max_tokens,
+                        model=model)
 
     def submit(self, *, department: str, prompt: str, question: str, history: tuple[Turn, ...],
                system: str | None, overrides: dict | None, max_tokens: int | None, temperature: float | None,
@@ -338,7 +340,8 @@ class ServiceRuntime:
     def answered(self, ticket: Ticket, answer) -> None:
         """Learn the service's speed from a finished answer."""
         self.rate.observe(answer.timings, answer.usage.get("completion_tokens", 0),
-                          ticket.job.request.max_new_tokens or self.default_max_tokens)
+                          ticket.job.request.max_new_tokens or self.default_max_tokens,
+                          answer.usage.get("prompt_tokens"))
         live = self._live.get(ticket)
         if live is not None and live.predicted_s:
             self.rate.observe_finish(live.predicted_s, time.monotonic() - live.admitted)

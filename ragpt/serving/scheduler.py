@@ -339,15 +339,23 @@ MIN_LONG_CHUNK = 16
 
 
 class StepTimes:
-    """Measured seconds of decode-only steps by the number of rows, to size a long prompt's chunks."""
+    """Measured seconds of decode-only steps by the number of rows, and of prompt positions, to size a
+    long prompt's chunks and to predict the service's speed at loads not seen yet."""
 
     def __init__(self, alpha: float = 0.2):
         self.alpha = alpha
         self.by_rows: dict[int, float] = {}
+        self.prompt_s: float | None = None  # seconds per prompt position, beyond the decode rows' step
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new
 
     def observe(self, rows: int, seconds: float) -> None:
-        old = self.by_rows.get(rows)
-        self.by_rows[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        self.by_rows[rows] = self._ewma(self.by_rows.get(rows), seconds)
+
+    def observe_prompt(self, positions: int, seconds: float) -> None:
+        if positions > 0 and seconds > 0:
+            self.prompt_s = self._ewma(self.prompt_s, seconds / positions)
 
     def estimate(self, rows: int) -> float | None:
         """The measured time at this row count, else at the nearest one measured (None: none yet)."""
@@ -357,6 +365,17 @@ class StepTimes:
             return None
         nearest = min(self.by_rows, key=lambda r: (abs(r - rows), r))
         return self.by_rows[nearest]
+
+    def predict(self, rows: int) -> float | None:
+        """A decode step's seconds with `rows` rows: measured, or on the straight line through the
+        measured row counts (a step reads the weights once and adds about the same per row)."""
+        if rows in self.by_rows or len(self.by_rows) < 2:
+            return self.estimate(rows)
+        xs, ys = list(self.by_rows), list(self.by_rows.values())
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
+        return max(min(ys), my + slope * (rows - mx))
 
 
 class ContinuousBatcher(MicroBatcher):
@@ -514,10 +533,12 @@ class ContinuousBatcher(MicroBatcher):
         is resized so that it costs about one decode step."""
         if decoding and not prompt_positions:
             self.step_times.observe(decoding, elapsed)
-        if not decoding:
-            return
-        base = self.step_times.estimate(decoding)
+        base = self.step_times.estimate(decoding) if decoding else 0.0
         if base is None:
+            return
+        if prompt_positions and not long_chunk:  # whole prompts: their cost per position
+            self.step_times.observe_prompt(prompt_positions, elapsed - base)
+        if not decoding:
             return
         self._credit = min(base, self._credit + (self.long_prompt_slowdown - 1.0) * base)
         if long_chunk:
@@ -526,3 +547,21 @@ class ContinuousBatcher(MicroBatcher):
             factor = 2.0 if extra <= 0 else min(2.0, max(0.5, base / extra))
             self._long_chunk = int(min(self.max_prefill_tokens,
                                        max(MIN_LONG_CHUNK, round(self._long_chunk * factor))))
+
+    # -------------------------------------------------------------- capacity (for admission)
+    def row_seconds(self, prompt_positions: float, new_tokens: float, rows: int) -> float | None:
+        """Seconds a request takes once it has a row, with `rows` rows running: its prompt, then a
+        decode step per further token, each step also carrying the prompts of rows that join
+        meanwhile (one for each of the other rows, as they turn over). None before measurements."""
+        step, prompt_s = self.step_times.predict(max(1, rows)), self.step_times.prompt_s
+        if step is None or prompt_s is None:
+            return None
+        return prompt_positions * prompt_s * max(1, rows) + max(0.0, new_tokens - 1) * step
+
+    def work_seconds(self, prompt_positions: float, new_tokens: float) -> float | None:
+        """Seconds of the worker's time one request costs when every row is busy: its prompt and its
+        share of the decode steps (the service answers one such request per this many seconds)."""
+        step, prompt_s = self.step_times.predict(self.max_batch_size), self.step_times.prompt_s
+        if step is None or prompt_s is None:
+            return None
+        return prompt_positions * prompt_s + max(1.0, new_tokens) * step / self.max_batch_size

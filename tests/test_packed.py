@@ -221,3 +221,16 @@ def test_long_prompt_chunks_are_spaced_to_the_configured_slowdown(tiny_tokenizer
         b._learn(decoding=4, prompt_positions=64 if chunk_step else 0, long_chunk=chunk_step, elapsed=times[-1])
     assert sum(t == 0.3 for t in times[-80:]) == 10  # one step in eight
     assert sum(times[-80:]) / 80 == pytest.approx(0.125)
+
+
+def test_a_step_refuses_to_run_under_another_attention_implementation(tiny_tokenizer):
+    """E.g. the trainer's chunked causal attention switched on around a step: it would read the packed
+    rows as one sequence, so the step refuses instead of mixing rows."""
+    model = build_tiny_model(tiny_tokenizer, seed=14)
+    engine = PackedEngine(model)
+    mine = model.config._attn_implementation
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(RuntimeError, match="packed steps need"):
+        engine.step([Segment(engine.new_row(2), [5, 6])])
+    model.config._attn_implementation = mine
+    assert engine.step([Segment(engine.new_row(2), [5, 6])]).shape[0] == 1

@@ -146,7 +146,7 @@ class PackedEngine:
             original = original[len(_PREFIX):]
         if not self.supported(model):
             raise ValueError(f"packed decoding needs {' or '.join(_IMPLEMENTATIONS)} attention and a plain KV cache")
-        config._attn_implementation = _register(original)
+        self._implementation = config._attn_implementation = _register(original)
         self.model = model
         self.embedding = model.get_input_embeddings()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -177,6 +177,11 @@ class PackedEngine:
             raise ValueError("a packed step needs at least one segment")
         if len({id(s.row) for s in segments}) != len(segments):
             raise ValueError("a row appears at most once in a packed step")
+        if self.model.config._attn_implementation != self._implementation:
+            # Another implementation would read the packed rows as one sequence: refuse, never mix rows.
+            now = self.model.config._attn_implementation
+            raise RuntimeError(f"the model's attention implementation is now {now!r}; packed steps need "
+                               f"{self._implementation!r}")
         w = self.embedding.weight
         flat = [t for s in segments for t in s.ids]
         tok = self.embedding(torch.tensor(flat, dtype=torch.long, device=w.device)) if flat else None

@@ -509,11 +509,14 @@ def train_prompt(
     log: Callable[[str], None] = print,
     dev_qas: list[QAExample] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int, torch.Tensor, dict], None] | None = None,
 ) -> TrainResult:
     """Optimise a soft prompt for `cfg.department`; return the best one by dev token-F1.
 
     `on_step(step, loss)` is called after each step is complete and checkpointed (progress
-    reporting; raising from it interrupts the run, which can then be resumed).
+    reporting; raising from it interrupts the run, which can then be resumed). `on_eval(step,
+    prompt, entry)` is called on the main process after each dev evaluation with the prompt
+    evaluated and its dev entry (e.g. to evaluate the same prompt on held-out questions too).
     """
     cfg.check()
     cfg.resolve(model, log)
@@ -656,6 +659,8 @@ def train_prompt(
                 if baseline and baseline.get("f1s"):
                     entry["vs_none"] = versus_no_prompt(r["f1s"], baseline["f1s"], cfg.seed)
                 evals.append(entry)
+                if on_eval is not None:
+                    on_eval(step + 1, module.effective().detach(), entry)
             if world > 1:
                 dist.broadcast(f1, src=0)  # every process takes the same early-stopping decision
             if f1.item() > best["f1"]:

@@ -736,3 +736,21 @@ def test_real_generator_through_the_service_equals_the_pipeline(sample_index, re
     assert body["prompt_version"] == ref.prompt_version == "v1"
     assert body["choices"][0]["message"]["content"] == ref.text and ref.text
     assert real.prefix_cache.misses == 1  # the service used the cached prefix
+
+
+def test_a_generator_without_the_packed_engine_is_batched_statically(settings, real_embedder, gen, pipe, caplog):
+    """`decode_engine = padded` (or a model the packed engine cannot take): the configured continuous
+    scheduler falls back to static batching with a warning, and answers as the library does."""
+    from ragpt.serving.scheduler import ContinuousBatcher, MicroBatcher
+
+    padded = Generator(gen.model, gen.tokenizer, packed=False)
+    with caplog.at_level("WARNING", logger="ragpt.service"):
+        app = _app(settings, real_embedder, padded, batching={"scheduler": "continuous"})
+        with TestClient(app) as c:
+            batcher = app.state.runtime.batcher
+            r = c.post("/v1/chat/completions", headers=_auth("hr"),
+                       json={"model": "hr", "messages": _chat(HR_Q), "max_tokens": MAX_TOKENS})
+    assert type(batcher) is MicroBatcher and not isinstance(batcher, ContinuousBatcher)
+    assert any("batching statically" in rec.getMessage() for rec in caplog.records)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == pipe.ask(HR_Q, "hr", max_new_tokens=MAX_TOKENS).text

@@ -234,3 +234,17 @@ def test_a_step_refuses_to_run_under_another_attention_implementation(tiny_token
         engine.step([Segment(engine.new_row(2), [5, 6])])
     model.config._attn_implementation = mine
     assert engine.step([Segment(engine.new_row(2), [5, 6])]).shape[0] == 1
+
+
+def test_prompts_over_the_step_budget_run_in_several_steps_with_the_same_logits(model, tiny_tokenizer):
+    gen = Generator(model, tiny_tokenizer)
+    rows = _rows(4, len(tiny_tokenizer), seed=15)
+    sp = torch.randn(6, gen.hidden_size) * float(gen.embedding.weight.std())
+
+    def logits(budget):
+        segs = [Segment(gen.engine.new_row(len(r) + 6), r, sp if i == 3 else None) for i, r in enumerate(rows)]
+        return gen.run_prompts(segs, budget=budget)
+
+    whole = logits(4096)
+    for budget in (16, 5, 1):  # 5 and 1: the inline vectors alone are over the budget
+        torch.testing.assert_close(logits(budget), whole, rtol=1e-4, atol=1e-4)

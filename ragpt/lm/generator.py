@@ -464,9 +464,10 @@ class Generator:
                     used += n_embeds + len(ids)
                     break
                 take = room - n_embeds
-                if take < 1:  # not even the inline vectors and one id fit: next step
+                if take < 1 and step:  # not even the inline vectors and one id fit: next step
                     flush()
                     continue
+                take = max(1, take)  # inline vectors longer than a step's budget run whole
                 step.append((None, Segment(seg.row, ids[:take], embeds, logits=False)))
                 ids, embeds = ids[take:], None
                 flush()

@@ -475,7 +475,9 @@ class ContinuousBatcher(MicroBatcher):
                 left -= r.remaining
         if len(plan) == decoding:  # no whole prompt this step: a chunk of the oldest long one
             longs = [r for r in rows if r.long and r.remaining]
-            if longs and (not decoding or self._credit >= 0):
+            # Until a decode-only step has been measured, every other step leaves the chunk out (to measure one).
+            known = self.step_times.estimate(decoding) is not None
+            if longs and (not decoding or (self._credit >= 0 if known else self.steps % 2 == 0)):
                 # the one closest to done; every other step the oldest, so that it always progresses
                 long = longs[0] if self.steps % 2 else min(longs, key=lambda r: r.remaining)
                 cap = self._long_chunk if decoding else self.max_prefill_tokens // 4

@@ -19,7 +19,8 @@ with no prompt (paired bootstrap 95% intervals). Reported per department and in 
 Needs the imported QA sets (`ragpt import-data doc2dial|policyqa --out DIR`, `--qa-dir`) and the
 `shared` index with every department ingested (benchmarks/department_prompts.sh builds both).
 Nothing is registered. Results: benchmarks/results/dev_test_agreement.{json,md} (rewritten after
-each department, so an interrupted run keeps what it finished).
+each department, so an interrupted run keeps what it finished; a later run with the same settings
+adds its departments to those, replacing any it runs again).
 """
 
 from __future__ import annotations
@@ -178,6 +179,12 @@ def main() -> None:
     res = {"config": {"steps": args.steps, "max_context_tokens": args.max_context_tokens, "threads": args.threads,
                       "index": args.index, "test_max": TEST_MAX}, "departments": []}
     args.out.mkdir(parents=True, exist_ok=True)
+    done = args.out / "dev_test_agreement.json"
+    if done.is_file():  # an earlier run with the same settings: keep the departments it finished
+        old = json.loads(done.read_text())
+        if {k: v for k, v in old["config"].items() if k != "threads"} == {
+                k: v for k, v in res["config"].items() if k != "threads"}:
+            res["departments"] = [d for d in old["departments"] if d["department"] not in args.depts]
     for dept in args.depts:
         res["departments"].append(run_department(dept, args, settings, embedder, model, tok))
         evals = [e for d in res["departments"] for e in d["evals"]]

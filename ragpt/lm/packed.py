@@ -92,6 +92,12 @@ class _Plan:
     sizes: list[int]
 
 
+def _original_implementation(model) -> str:
+    """The model's own attention implementation, also once the packed one wraps it."""
+    impl = getattr(model.config, "_attn_implementation", None) or ""
+    return impl[len(_PREFIX):] if impl.startswith(_PREFIX) else impl
+
+
 def _register(original: str) -> str:
     """Register (once) the packed attention that wraps the model's `original` implementation."""
     from transformers import AttentionInterface, AttentionMaskInterface
@@ -141,12 +147,9 @@ class PackedEngine:
 
     def __init__(self, model):
         config = model.config
-        original = config._attn_implementation
-        if original.startswith(_PREFIX):
-            original = original[len(_PREFIX):]
         if not self.supported(model):
             raise ValueError(f"packed decoding needs {' or '.join(_IMPLEMENTATIONS)} attention and a plain KV cache")
-        self._implementation = config._attn_implementation = _register(original)
+        self._implementation = config._attn_implementation = _register(_original_implementation(model))
         self.model = model
         self.embedding = model.get_input_embeddings()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -158,9 +161,7 @@ class PackedEngine:
     def supported(model) -> bool:
         from ragpt.lm.generator import Generator
 
-        impl = getattr(model.config, "_attn_implementation", None) or ""
-        impl = impl[len(_PREFIX):] if impl.startswith(_PREFIX) else impl
-        if impl not in _IMPLEMENTATIONS or not Generator.model_supports_prefix_cache(model):
+        if _original_implementation(model) not in _IMPLEMENTATIONS or not Generator.model_supports_prefix_cache(model):
             return False
         layers = getattr(getattr(model, "model", None), "layers", None)
         return bool(layers) and all(hasattr(getattr(layer, "self_attn", None), "layer_idx") for layer in layers)

@@ -473,7 +473,7 @@ class ContinuousBatcher(MicroBatcher):
             if not r.long and r.remaining <= left:
                 plan.append((r, self._prompt_segment(r, r.remaining)))
                 left -= r.remaining
-        if len(plan) == decoding:  # no whole prompt this step: a chunk of the oldest long one
+        if len(plan) == decoding:  # no whole prompt this step: maybe a chunk of one long prompt
             longs = [r for r in rows if r.long and r.remaining]
             # Until a decode-only step has been measured, every other step leaves the chunk out (to measure one).
             known = self.step_times.estimate(decoding) is not None

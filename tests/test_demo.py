@@ -81,3 +81,50 @@ def test_demo_serves_departments_with_shipped_prompts(tmp_path, tiny_tokenizer):
     assert stats["shipped"]["dmv"]["version"] is None and stats["shipped"]["dmv"]["questions"] == 1
     assert "f1_soft_prompt" not in stats["shipped"]["dmv"]
     assert any("dmv: no active soft prompt" in line for line in lines)
+
+
+def test_demo_serves_each_prompt_on_the_index_it_was_trained_against(tmp_path, tiny_tokenizer):
+    """A prompt trained on sentence-packed chunks is answered from an index chunked that way, one
+    that records no index from "shared"; a prompt from an index the demo cannot rebuild is an error."""
+    import torch
+    from test_datasets import make_doc2dial
+
+    from ragpt.cli.demo import SHIPPED_INDEX, run_demo
+    from ragpt.config import Settings
+    from ragpt.errors import RagptError
+    from ragpt.lm.models import load_generator_model
+    from ragpt.retrieval.index import DocumentIndex
+    from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
+    from ragpt.softprompts.registry import PromptRegistry
+
+    gen_dir = tmp_path / "tiny-generator"
+    model = build_tiny_model(tiny_tokenizer)
+    model.save_pretrained(gen_dir)
+    tiny_tokenizer.save_pretrained(gen_dir)
+    settings = Settings(index_dir=tmp_path / "indexes", generator=str(gen_dir), max_new_tokens=4, bf16="off",
+                        prompt_dir=tmp_path / "prompts", data_dir=make_doc2dial(tmp_path / "data"),
+                        cache_dir=tmp_path / "cache")
+    fp = base_model_fingerprint(load_generator_model(settings)[0])
+    reg = PromptRegistry(settings.prompt_dir)
+
+    def release(dept: str, **extra) -> str:
+        v = reg.register(SoftPrompt.create(torch.randn(3, model.config.hidden_size), department=dept,
+                                           base_fingerprint=fp, extra=extra), actor="test")
+        reg.approve(dept, v, actor="test")
+        reg.activate(dept, v, actor="test")
+        return v
+
+    release("dmv", index="shared-sentences")
+    release("ssa")
+    lines: list[str] = []
+    stats = run_demo(settings, index="demo", limit=1, progress=False, out=lines.append)
+    assert set(stats["shipped"]) == {"dmv", "ssa"}
+    sentences = DocumentIndex.open(settings.index_dir, "shared-sentences")
+    assert sentences.chunking["splitter"] == "sentences"
+    assert DocumentIndex.open(settings.index_dir, SHIPPED_INDEX).chunking["splitter"] == "recursive"
+    assert sentences.departments == DocumentIndex.open(settings.index_dir, SHIPPED_INDEX).departments == ["dmv", "ssa"]
+    assert any(line.startswith("[ingest] dmv into shared-sentences") for line in lines)
+
+    release("dmv", index="someone-elses")
+    with pytest.raises(RagptError, match="trained against index 'someone-elses'"):
+        run_demo(settings, index="demo", limit=1, progress=False, out=lines.append)

@@ -99,3 +99,41 @@ def test_ragpt_ingest_chunk_splitter_reaches_the_chunks_and_the_manifest(tmp_pat
     assert texts["sentences"] != texts["recursive"]
     bad = CliRunner().invoke(app, ["ingest", "-i", "x", "-d", "hr", str(docs), "--chunk-splitter", "words"])
     assert bad.exit_code == 2 and "chunk_splitter must be recursive or sentences" in bad.output
+
+
+@pytest.mark.integration
+def test_an_index_keeps_the_chunking_it_was_created_with(tmp_path, monkeypatch, tokenizer):
+    """A later ingest without chunk options chunks like the index's first; one asking for other
+    chunking is refused with the index's own named, and writes nothing."""
+    from typer.testing import CliRunner
+
+    from ragpt.cli.main import app
+    from ragpt.retrieval.index import DocumentIndex
+
+    docs, more = tmp_path / "docs", tmp_path / "more"
+    for folder in (docs, more):
+        folder.mkdir()
+        (folder / f"{folder.name}.txt").write_text(TEXT, encoding="utf-8")
+    monkeypatch.setenv("RAGPT_INDEX_DIR", str(tmp_path / "indexes"))
+    # The settings ask for recursive 200/40; the index was made with sentences 40/12.
+    monkeypatch.setenv("RAGPT_CHUNK_SPLITTER", "recursive")
+    ok = CliRunner().invoke(app, ["ingest", "-i", "s", "-d", "hr", str(docs), "-q", "--chunk-tokens", "40",
+                                  "--chunk-overlap", "12", "--chunk-splitter", "sentences"])
+    assert ok.exit_code == 0, ok.output
+    ok = CliRunner().invoke(app, ["ingest", "-i", "s", "-d", "hr", str(more), "-q"])
+    assert ok.exit_code == 0, ok.output
+    idx = DocumentIndex.open(tmp_path / "indexes", "s")
+    want = [c.text for c in Chunker(tokenizer, 40, 12, splitter="sentences").split(_doc(TEXT), ["hr"])]
+    by_doc = {}
+    for i in sorted(idx.chunks):
+        by_doc.setdefault(idx.chunks[i].doc, []).append(idx.chunks[i].text)
+    assert sorted(by_doc) == ["docs.txt", "more.txt"] and all(texts == want for texts in by_doc.values())
+    snapshot = (tmp_path / "indexes" / "s" / "CURRENT").read_text()
+
+    (more / "new.txt").write_text("A third document.", encoding="utf-8")
+    bad = CliRunner().invoke(app, ["ingest", "-i", "s", "-d", "hr", str(more), "--chunk-splitter", "recursive"])
+    assert bad.exit_code == 2
+    assert "splitter='recursive' (the index: 'sentences')" in bad.output and "fixed when it was created" in bad.output
+    assert str(tmp_path) not in bad.output
+    assert (tmp_path / "indexes" / "s" / "CURRENT").read_text() == snapshot
+    assert "new.txt" not in DocumentIndex.open(tmp_path / "indexes", "s").documents

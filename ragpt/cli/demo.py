@@ -10,9 +10,10 @@ from pathlib import Path
 from ragpt.config import Settings
 from ragpt.data.datasets import IMPORTERS
 from ragpt.data.documents import source_matches
-from ragpt.data.ingest import ingest
+from ragpt.data.ingest import chunk_options, ingest
 from ragpt.data.qa import load_qa
 from ragpt.data.sample import SAMPLE_DEPARTMENTS, SAMPLE_DIR, department_dir, sample_questions
+from ragpt.errors import RagptError
 from ragpt.evaluation.metrics import best_over, exact_match, token_f1
 from ragpt.lm.models import load_embedder
 from ragpt.retrieval.index import DocumentIndex
@@ -24,7 +25,13 @@ BATCH = 8  # questions of one department answered in one batched generation
 # Departments whose prompts benchmarks/department_prompts.sh trains and ships, and their data set.
 SHIPPED_DEPARTMENTS = {"dmv": "doc2dial", "ssa": "doc2dial", "va": "doc2dial", "studentaid": "doc2dial",
                        "legal": "policyqa"}
-SHIPPED_INDEX = "shared"  # the index the shipped prompts were trained against
+SHIPPED_INDEX = "shared"  # the index of a shipped prompt that records none
+# The indexes the shipped prompts were trained against and how each cuts documents: a prompt is
+# served on the kind of passage it learned (each prompt's meta records its index's name).
+SHIPPED_INDEXES = {
+    "shared": {"chunk_tokens": 200, "chunk_overlap": 40, "chunk_splitter": "recursive"},
+    "shared-sentences": {"chunk_tokens": 200, "chunk_overlap": 40, "chunk_splitter": "sentences"},
+}
 # Sample sources are relative to the folder holding the ragpt package ("ragpt/data/sample_corpus/hr/..."),
 # wherever ragpt is installed: the same names as `ragpt ingest --root .` from a checkout gives them.
 SAMPLE_ROOT = SAMPLE_DIR.parents[2]
@@ -35,9 +42,7 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
     embedder = load_embedder(settings)
     for dept in SAMPLE_DEPARTMENTS:
         rep = ingest(settings.index_dir, index, [department_dir(dept)], [dept], embedder, source_root=SAMPLE_ROOT,
-                     chunk_tokens=settings.chunk_tokens, chunk_overlap=settings.chunk_overlap,
-                     chunk_splitter=settings.chunk_splitter,
-                     batch_size=settings.embed_batch_size, progress=progress)
+                     **chunk_options(settings, index), batch_size=settings.embed_batch_size, progress=progress)
         out(f"[ingest] {dept}: {len(rep.added)} added, {len(rep.replaced)} replaced, "
             f"{len(rep.unchanged)} unchanged, {rep.chunks_embedded} chunks embedded "
             f"({rep.chunks_per_second:.0f} chunks/s)")
@@ -132,6 +137,18 @@ def describe(dept: str, s: dict) -> str:
             f"match {s['em_soft_prompt']} vs {s['em_no_prompt']} (n={s['questions']})")
 
 
+def trained_index(registry: PromptRegistry, dept: str) -> str:
+    """The index `dept`'s active prompt was trained against (SHIPPED_INDEX without an active
+    prompt, or for one that records none)."""
+    version = registry.active_version(dept)
+    name = registry.meta(dept, version).get("extra", {}).get("index") if version else None
+    name = name or SHIPPED_INDEX
+    if name not in SHIPPED_INDEXES:
+        raise RagptError(f"{dept} {version} was trained against index {name!r}, which the demo does not know "
+                         f"how to rebuild (it knows {sorted(SHIPPED_INDEXES)})")
+    return name
+
+
 def _report_problems(dept: str, rep, out) -> None:
     for source, reason in rep.problems:
         out(f"[ingest] {dept}: not ingested {source}: {reason}")
@@ -163,17 +180,22 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
     for name in data_sets:
         if not (imported / name / "summary.json").is_file():
             IMPORTERS[name](Path(settings.data_dir), imported / name)
-    for d in shipped:
-        docs = imported / SHIPPED_DEPARTMENTS[d] / "docs"  # the root: sources keep the department folder
-        rep = ingest(settings.index_dir, SHIPPED_INDEX, [docs / d], [d], embedder, source_root=docs,
-                     chunk_tokens=settings.chunk_tokens, chunk_overlap=settings.chunk_overlap,
-                     chunk_splitter=settings.chunk_splitter,
-                     batch_size=settings.embed_batch_size, progress=progress)
-        out(f"[ingest] {d}: {len(rep.added)} added, {len(rep.unchanged)} unchanged")
-        _report_problems(d, rep, out)
+    # Each department is served from the index its active prompt was trained against, with that
+    # index's chunking; every index in use holds every shipped department (as in training, where
+    # BM25's statistics came from all of them).
+    index_of = {d: trained_index(registry, d) for d in shipped}
+    for name in sorted(set(index_of.values())):
+        for d in shipped:
+            docs = imported / SHIPPED_DEPARTMENTS[d] / "docs"  # the root: sources keep the department folder
+            rep = ingest(settings.index_dir, name, [docs / d], [d], embedder, source_root=docs,
+                         **chunk_options(settings, name, **SHIPPED_INDEXES[name]),
+                         batch_size=settings.embed_batch_size, progress=progress)
+            out(f"[ingest] {d} into {name}: {len(rep.added)} added, {len(rep.unchanged)} unchanged")
+            _report_problems(d, rep, out)
 
     # Each prompt is served with its own input contract (the inputs it was trained on).
-    pipe = Pipeline(DocumentIndex.open(settings.index_dir, SHIPPED_INDEX), settings, embedder=embedder)
+    pipes = {name: Pipeline(DocumentIndex.open(settings.index_dir, name), settings, embedder=embedder)
+             for name in sorted(set(index_of.values()))}
     results = {}
     for d in shipped:
         version = registry.active_version(d)
@@ -183,7 +205,7 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
                 "test questions ===")
         else:
             out(f"\n=== {d}: soft prompt {version}, {len(qs)} held-out test questions ===")
-        rows = compare_with_and_without(pipe, d, [(q.question, q.answers) for q in qs], version)
+        rows = compare_with_and_without(pipes[index_of[d]], d, [(q.question, q.answers) for q in qs], version)
         for q, (tuned, plain) in zip(qs, rows):
             out(_qa_block(q.question, q.answers, version, tuned, plain))
         results[d] = summarise(d, [(q.answers, t, p) for q, (t, p) in zip(qs, rows)], version)

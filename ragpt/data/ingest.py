@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ragpt.config import Settings
 from ragpt.data.documents import (
     Chunker,
     Document,
@@ -60,6 +61,51 @@ class IngestReport:
     def problems(self) -> list[tuple[str, str]]:
         """Every file not ingested, with its reason (skipped, then failed)."""
         return self.skipped + self.failed
+
+
+DEFAULT_CHUNKING = {"chunk_tokens": 200, "chunk_overlap": 40, "splitter": "recursive"}
+
+
+class ChunkingMismatchError(RagptError):
+    """Documents asked to be chunked unlike the rest of their index."""
+
+
+def index_chunking(index: DocumentIndex | None, chunk_tokens: int | None = None, chunk_overlap: int | None = None,
+                   chunk_splitter: str | None = None) -> dict:
+    """The chunking an ingest into `index` uses: the index's own when it exists, else the values
+    given (None: the defaults).
+
+    An index cuts every document one way, fixed when it is created: a prompt trained on its chunks
+    sees the same kind of passage for every document, and re-ingesting an unchanged file changes
+    nothing. A value given for an existing index that differs from its own is an error rather
+    than a second chunking mixed into the index.
+    """
+    asked = {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap, "splitter": chunk_splitter}
+    if index is None:
+        return {k: DEFAULT_CHUNKING[k] if v is None else v for k, v in asked.items()}
+    own = index.chunking
+    differ = [f"{k}={v!r} (the index: {own[k]!r})" for k, v in asked.items() if v is not None and v != own[k]]
+    if differ:
+        raise ChunkingMismatchError(
+            f"index {index.name!r} chunks its documents with {_chunking_text(own)}, fixed when it was created; "
+            f"this ingest asked for {', '.join(differ)}. Leave the chunking options out to use the "
+            "index's own, or ingest into a new index")
+    return own
+
+
+def chunk_options(settings: Settings, name: str, *, chunk_tokens: int | None = None,
+                  chunk_overlap: int | None = None, chunk_splitter: str | None = None) -> dict:
+    """`ingest`'s chunk options from explicit values and the settings: the settings fill in what
+    is not given for a new index; an existing index keeps its own chunking, so only the explicit
+    values are checked against it."""
+    given = {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap, "chunk_splitter": chunk_splitter}
+    if DocumentIndex.exists(settings.index_dir, name):
+        return given
+    return {k: getattr(settings, k) if v is None else v for k, v in given.items()}
+
+
+def _chunking_text(c: dict) -> str:
+    return f"the {c['splitter']} splitter, {c['chunk_tokens']} tokens, overlap {c['chunk_overlap']}"
 
 
 def _check_arguments(name: str, paths: Sequence[Path], departments: Sequence[str], embedder: Embedder,
@@ -187,9 +233,9 @@ def ingest(
     *,
     source_root: Path | None = None,
     strict: bool = False,
-    chunk_tokens: int = 200,
-    chunk_overlap: int = 40,
-    chunk_splitter: str = "recursive",
+    chunk_tokens: int | None = None,
+    chunk_overlap: int | None = None,
+    chunk_splitter: str | None = None,
     batch_size: int = 32,
     progress: bool = True,
     index_type: str | None = None,
@@ -204,27 +250,35 @@ def ingest(
     Files that cannot be ingested are listed in report.skipped / report.failed (strict: raise).
     `index_type` (auto, flat, ivf) changes the index's dense search structure from this save
     on; a new index gets `new_index_type` (the index_type setting) unless it is given.
+    The chunk options set a new index's chunking; an existing index keeps its own, and a
+    different value given for it raises ChunkingMismatchError (`index_chunking`).
     """
     t0 = time.perf_counter()
     root = Path(root)
-    departments = _check_arguments(name, paths, departments, embedder, chunk_tokens)
+    check_name("index", name)
+    existing = DocumentIndex.open(root, name) if DocumentIndex.exists(root, name) else None
+    if existing is not None:  # fail on a mismatch before reading documents or taking the lock
+        existing.check_embedder(embedder.name, embedder.dim)
+    chunking = index_chunking(existing, chunk_tokens, chunk_overlap, chunk_splitter)
+    del existing  # reopened under the lock: another ingest may have saved since
+    departments = _check_arguments(name, paths, departments, embedder, chunking["chunk_tokens"])
     report = IngestReport(index=name)
     docs = _read_all(paths, source_root, report, strict, progress)
-    if DocumentIndex.exists(root, name):  # fail on a mismatch before taking the lock
-        DocumentIndex.open(root, name).check_embedder(embedder.name, embedder.dim)
     if not docs:  # nothing readable: leave the index (or its absence) as it is
         report.seconds = time.perf_counter() - t0
         return report
 
     with index_lock(root, name):
-        chunking = {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap, "splitter": chunk_splitter}
         index = _open_or_create(root, name, embedder, chunking, new_index_type)
+        if index.chunking != chunking:  # created by another ingest since the check above
+            chunking = index_chunking(index, chunk_tokens, chunk_overlap, chunk_splitter)
         retyped = index_type is not None and index.set_index_type(index_type)
         plan = _plan(index, docs, departments, report)
         # Chunking stays ahead of embedding, not beside it: a producer thread chunking while the
         # previous chunks embed measured slower on 2 cores (it takes a core from the matmuls) and
         # chunking is ~12% of a bf16 ingest (benchmarks/results/ingest_throughput.md).
-        chunker = Chunker(embedder.tokenizer, chunk_tokens, chunk_overlap, splitter=chunk_splitter)
+        chunker = Chunker(embedder.tokenizer, chunking["chunk_tokens"], chunking["chunk_overlap"],
+                          splitter=chunking["splitter"])
         chunks = []
         for doc, old_key in plan:
             if old_key is not None:

@@ -133,6 +133,14 @@ class DocumentIndex:
         return int(self.manifest["embedder"]["dim"])
 
     @property
+    def chunking(self) -> dict:
+        """How this index cuts documents into chunks, fixed when it was created: chunk_tokens,
+        chunk_overlap, splitter (indexes made before the splitter was recorded: recursive)."""
+        c = self.manifest.get("chunking") or {}
+        return {"chunk_tokens": int(c.get("chunk_tokens", 200)), "chunk_overlap": int(c.get("chunk_overlap", 40)),
+                "splitter": c.get("splitter", "recursive")}
+
+    @property
     def departments(self) -> list[str]:
         return sorted(self._department_ids())
 

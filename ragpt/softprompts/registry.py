@@ -543,6 +543,11 @@ class PromptRegistry:
             })
         return rows
 
+    def meta(self, dept: str, version: str) -> dict[str, Any]:
+        """A registered version's metadata (meta.json: provenance, contract, metrics), without its tensor."""
+        self._entry(self._state(dept), dept, version)
+        return read_meta(self._version_dir(dept, version))
+
     def status(self, dept: str, version: str) -> dict[str, Any]:
         """A version's state and the latest change that touched it (who, when, what, why)."""
         state = self._state(dept)

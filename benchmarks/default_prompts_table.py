@@ -1,0 +1,138 @@
+"""Summarise benchmarks/default_prompts.sh: the doc2dial prompts trained with `ragpt train`'s defaults
+on sentence-packed chunks, against no prompt and against the prompts shipped before them.
+
+Per agency and pooled (every first-turn test question once, each with its own agency's prompt),
+token-F1 with paired bootstrap 95% intervals (* : excludes 0):
+
+* the splitter alone: no prompt on the recursive-chunk index vs no prompt on the sentence index
+  (same contract), and span hit@2 on each;
+* the new prompt vs no prompt, on the sentence index (what the README's department table shows);
+* the new prompt vs the prompt shipped before it, each as served on its own index with its own
+  contract (benchmarks/served_contract_check.py's predictions; same questions, paired by id).
+
+    .venv/bin/python benchmarks/default_prompts_table.py   # -> results/default_prompts.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from department_table import format_ci, predictions_f1  # noqa: E402
+
+from ragpt.evaluation.metrics import bootstrap_ci, paired_difference_ci  # noqa: E402
+from ragpt.softprompts.registry import PromptRegistry  # noqa: E402
+
+AGENCIES = ("dmv", "ssa", "studentaid", "va")
+
+
+def _span_hit(results: Path, dept: str) -> float:
+    return json.loads(results.read_text())["departments"][dept]["retrieval"]["answer_span"]["hit_at_k"]["mean"]
+
+
+def _columns(out: Path, shipped: Path, dept: str, index: str, base: str) -> dict[str, dict[str, float]] | None:
+    files = {"new": out / dept / index / "predictions.jsonl", "base": out / dept / base / "predictions.jsonl",
+             "shipped": shipped / dept / "predictions.jsonl"}
+    if not all(f.is_file() for f in files.values()):
+        return None
+    new, base_none, old = (predictions_f1(f) for f in files.values())
+    return {"none_sentences": new["none"], "soft_new": new["soft"], "none_recursive": base_none["none"],
+            "soft_shipped": old["soft"]}
+
+
+def _compare(cols: dict[str, list[float]]) -> dict:
+    ci = {k: bootstrap_ci(v).to_dict() for k, v in cols.items()}
+    pairs = {"splitter (no prompt)": ("none_sentences", "none_recursive"),
+             "new - none": ("soft_new", "none_sentences"),
+             "new - shipped": ("soft_new", "soft_shipped")}
+    ci.update({name: paired_difference_ci(cols[a], cols[b]).to_dict() for name, (a, b) in pairs.items()})
+    ci["n"] = len(cols["none_sentences"])
+    return ci
+
+
+def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path) -> dict:
+    registry = PromptRegistry(prompt_dir)
+    rows, pooled = {}, {}
+    for d in AGENCIES:
+        by = _columns(out, shipped, d, index, base)
+        if by is None:
+            continue
+        qids = sorted(by["none_sentences"])
+        if sorted(by["none_recursive"]) != qids or sorted(by["soft_shipped"]) != qids:
+            raise SystemExit(f"{d}: the evaluations did not answer the same questions; not comparable")
+        cols = {k: [v[q] for q in qids] for k, v in by.items()}
+        version = (out / d / "version").read_text().strip()
+        meta = json.loads((prompt_dir / d / version / "meta.json").read_text())
+        verdict = meta["metrics"]["dev_verdict"]
+        row = _compare(cols)
+        row.update(version=version, state=registry.status(d, version)["state"],
+                   shipped_version=json.loads((shipped / d / "results.json").read_text())["run"]["prompt_specs"][0],
+                   dev_verdict=verdict, best_step=meta["metrics"]["best_step"],
+                   train_minutes=round(meta["metrics"]["train_seconds"] / 60, 1),
+                   span_hit_at_2={"recursive": _span_hit(out / d / base / "results.json", d),
+                                  "sentences": _span_hit(out / d / index / "results.json", d)})
+        rows[d] = row
+        for k, v in cols.items():
+            pooled.setdefault(k, []).extend(v)
+    if pooled:
+        rows["pooled"] = _compare(pooled)
+    return rows
+
+
+def markdown(rows: dict, index: str, base: str) -> str:
+    lines = ["# doc2dial prompts with `ragpt train`'s defaults on sentence-packed chunks "
+             "(benchmarks/default_prompts.sh)", "",
+             f"Token-F1 on each agency's first-turn test questions; `{index}`: sentences splitter, "
+             f"`{base}`: recursive splitter (both 200/40 tokens, k=2). Differences are paired bootstrap "
+             "95% intervals (* : excludes 0). New prompts: `ragpt train` with no recipe flags (deep prompt, "
+             "lr 1e-2, 80 steps, dev = 15% of the training file held out by document), evaluated with "
+             "their own contract; shipped prompts as served on their index with theirs "
+             "(benchmarks/served_contract_check.py).", "",
+             "| agency | n | span hit@2 recursive → sentences | no prompt, recursive → sentences | new prompt | "
+             "new - no prompt | shipped prompt | new - shipped | dev verdict (state) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for d, r in rows.items():
+        if d == "pooled":
+            hit, verdict, name = "", "", "**pooled**"
+        else:
+            h = r["span_hit_at_2"]
+            hit = f"{h['recursive']:.1f} → {h['sentences']:.1f}"
+            v = r["dev_verdict"]
+            verdict = f"{v['verdict']} {v['delta']:+.1f} [{v['low']:+.1f}, {v['high']:+.1f}] ({r['state']})"
+            name = f"{d} {r['version']}"
+        shipped = f"{r['soft_shipped']['mean']:.1f}" + (f" ({r['shipped_version']})" if d != "pooled" else "")
+        lines.append(f"| {name} | {r['n']} | {hit} | {r['none_recursive']['mean']:.1f} → "
+                     f"{r['none_sentences']['mean']:.1f}: {format_ci(r['splitter (no prompt)'], True)} | "
+                     f"{r['soft_new']['mean']:.1f} | {format_ci(r['new - none'], True)} | {shipped} | "
+                     f"{format_ci(r['new - shipped'], True)} | {verdict} |")
+    per = [f"{d} {r['train_minutes']} min (step {r['best_step']} kept)" for d, r in rows.items() if d != "pooled"]
+    lines += ["", "Training: " + ", ".join(per) + ".", "",
+              "Command: `benchmarks/default_prompts.sh` (then this script).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "default_prompts")
+    ap.add_argument("--shipped", type=Path, default=HERE / "results" / "served_contract_check")
+    ap.add_argument("--index", default="shared-sentences")
+    ap.add_argument("--base-index", default="shared")
+    ap.add_argument("--prompt-dir", type=Path, default=HERE.parent / "prompts")
+    args = ap.parse_args()
+    rows = summarise(args.out, args.shipped, args.index, args.base_index, args.prompt_dir)
+    if not rows:
+        raise SystemExit(f"no finished department under {args.out}")
+    (args.out.parent / "default_prompts.json").write_text(json.dumps(rows, indent=1) + "\n")
+    md = markdown(rows, args.index, args.base_index)
+    (args.out.parent / "default_prompts.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -124,3 +124,27 @@ def test_bad_requests_are_refused_before_generating(pipe):
         # One bad question fails the whole batch.
         pipe.ask_many([ChatRequest("How many vacation days?", "hr"), ChatRequest("Anything?", "legal")])
     assert pipe.ask_many([]) == []
+
+
+def test_a_prompt_served_from_another_index_than_it_was_trained_on_is_logged_once(pipe, tmp_path, caplog):
+    import logging
+
+    from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
+    from ragpt.softprompts.registry import PromptRegistry
+
+    reg = PromptRegistry(tmp_path / "prompts")
+    fp = base_model_fingerprint(pipe.generator.base_model)
+    here = reg.register(SoftPrompt.create(torch.randn(3, pipe.generator.hidden_size), department="hr",
+                                          base_fingerprint=fp, extra={"index": pipe.index.name}), actor="t")
+    there = reg.register(SoftPrompt.create(torch.randn(3, pipe.generator.hidden_size), department="hr",
+                                           base_fingerprint=fp, extra={"index": "shared-sentences"}), actor="t")
+    p = Pipeline(pipe.index, pipe.settings.model_copy(update={"prompt_dir": tmp_path / "prompts"}),
+                 embedder=pipe.embedder, generator=pipe.generator)
+    with caplog.at_level(logging.WARNING, logger="ragpt.serving.pipeline"):
+        p.resolve("hr", here)
+        assert not caplog.records
+        for _ in range(2):  # the second resolve is served from the loaded prompts
+            assert p.resolve("hr", there)[1] == there
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [f"soft prompt hr {there} was trained against index 'shared-sentences' and is served from "
+                      f"index {pipe.index.name!r}: its passages may differ from the ones it learned on"]

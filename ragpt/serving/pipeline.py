@@ -10,6 +10,7 @@ as the HTTP service, LangChain and `ragpt eval`.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -33,6 +34,8 @@ from ragpt.serving.request import (
     prepare_many,
     stream_answer,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Pipeline:
@@ -139,6 +142,13 @@ class Pipeline:
         gen = self.generator
         sp = self.registry.load(department, version, base_fingerprint=base_model_fingerprint(gen.base_model),
                                 hidden_size=gen.hidden_size, max_depth=gen.max_prompt_depth)
+        trained_on = (sp.meta.get("extra") or {}).get("index")
+        if trained_on and trained_on != self.index.name:
+            # Served anyway (an operator may have renamed or rebuilt the index), but said once per
+            # load: passages chunked or ranked otherwise than in training lower what the prompt does.
+            log.warning("soft prompt %s %s was trained against index %r and is served from index %r: its "
+                        "passages may differ from the ones it learned on", department, version, trained_on,
+                        self.index.name)
         return sp.tensor, InputContract.from_prompt_meta(sp.meta)
 
     def prefix_key(self, department: str, version: str | None, soft_prompt: torch.Tensor | None) -> Hashable | None:

@@ -67,6 +67,10 @@ def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path)
         if sorted(by["none_recursive"]) != qids or sorted(by["soft_shipped"]) != qids:
             raise SystemExit(f"{d}: the evaluations did not answer the same questions; not comparable")
         cols = {k: [v[q] for q in qids] for k, v in by.items()}
+        runs = {name: json.loads((out / d / name / "results.json").read_text())["departments"][d]
+                for name in (index, base)}
+        if runs[index]["contract"] != runs[base]["contract"]:
+            raise SystemExit(f"{d}: no prompt was evaluated with other inputs on {index} than on {base}")
         version = (out / d / "version").read_text().strip()
         meta = json.loads((prompt_dir / d / version / "meta.json").read_text())
         verdict = meta["metrics"]["dev_verdict"]
@@ -75,6 +79,7 @@ def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path)
                    shipped_version=json.loads((shipped / d / "results.json").read_text())["run"]["prompt_specs"][0],
                    dev_verdict=verdict, best_step=meta["metrics"]["best_step"],
                    train_minutes=round(meta["metrics"]["train_seconds"] / 60, 1),
+                   k=runs[index]["contract"]["k"],
                    span_hit_at_2={"recursive": _span_hit(out / d / base / "results.json", d),
                                   "sentences": _span_hit(out / d / index / "results.json", d)})
         rows[d] = row

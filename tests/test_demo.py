@@ -119,12 +119,29 @@ def test_demo_serves_each_prompt_on_the_index_it_was_trained_against(tmp_path, t
     lines: list[str] = []
     stats = run_demo(settings, index="demo", limit=1, progress=False, out=lines.append)
     assert set(stats["shipped"]) == {"dmv", "ssa"}
+    assert stats["shipped"]["dmv"]["index"] == "shared-sentences" and stats["shipped"]["ssa"]["index"] == "shared"
     sentences = DocumentIndex.open(settings.index_dir, "shared-sentences")
     assert sentences.chunking["splitter"] == "sentences"
     assert DocumentIndex.open(settings.index_dir, SHIPPED_INDEX).chunking["splitter"] == "recursive"
     assert sentences.departments == DocumentIndex.open(settings.index_dir, SHIPPED_INDEX).departments == ["dmv", "ssa"]
     assert any(line.startswith("[ingest] dmv into shared-sentences") for line in lines)
 
-    release("dmv", index="someone-elses")
-    with pytest.raises(RagptError, match="trained against index 'someone-elses'"):
+    # Nothing in the demo rebuilds an index it does not know: that department is left out, said why.
+    v = release("dmv", index="someone-elses")
+    lines.clear()
+    stats = run_demo(settings, index="demo", limit=1, progress=False, out=lines.append)
+    assert set(stats["shipped"]) == {"ssa"}
+    assert f"\n(dmv not demonstrated: dmv {v} was trained against index 'someone-elses', which the demo does not " \
+           "know how to rebuild (it knows shared, shared-sentences))" in lines
+
+    # An index of that name chunked otherwise is not silently reused: the error says how to rebuild it.
+    release("dmv", index="shared-sentences")
+    (settings.index_dir / "shared-sentences").rename(tmp_path / "kept")
+    from ragpt.data.ingest import ingest
+    from ragpt.lm.models import load_embedder
+
+    (tmp_path / "other.txt").write_text("A document of another department.", encoding="utf-8")
+    ingest(settings.index_dir, "shared-sentences", [tmp_path / "other.txt"], ["other"], load_embedder(settings),
+           chunk_splitter="recursive", progress=False)
+    with pytest.raises(RagptError, match="`ragpt index delete shared-sentences` and the demo rebuilds it"):
         run_demo(settings, index="demo", limit=1, progress=False, out=lines.append)

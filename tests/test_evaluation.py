@@ -342,3 +342,11 @@ def test_import_ingest_train_eval_writes_a_reproducible_report(tiny_tokenizer, t
     assert res.exit_code == 2 and "training data of" in res.output
     ok(app, *leak_args, "--allow-overlap")
     assert "**OVERLAP**" in (out / "report.md").read_text()
+
+    # On another index than the one it was trained against: evaluated, and the report says so.
+    ok(ragpt_app, "ingest", "-q", "-i", "d2d-other", "-d", "dmv", d / "docs" / "dmv")
+    other = [a if a != "d2d" else "d2d-other" for a in common]
+    ok(app, *other, "--method", "soft", "--data", d / "qa" / "dmv.test.jsonl")
+    assert json.loads((out / "results.json").read_text())["notes"] == [
+        "dmv: soft:v1 was trained against index 'd2d' and is evaluated on 'd2d-other'; its passages here may "
+        "differ from the ones it learned on"]

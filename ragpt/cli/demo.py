@@ -10,7 +10,7 @@ from pathlib import Path
 from ragpt.config import Settings
 from ragpt.data.datasets import IMPORTERS
 from ragpt.data.documents import source_matches
-from ragpt.data.ingest import chunk_options, ingest
+from ragpt.data.ingest import ChunkingMismatchError, ingest, settings_chunking
 from ragpt.data.qa import load_qa
 from ragpt.data.sample import SAMPLE_DEPARTMENTS, SAMPLE_DIR, department_dir, sample_questions
 from ragpt.errors import RagptError
@@ -42,7 +42,8 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
     embedder = load_embedder(settings)
     for dept in SAMPLE_DEPARTMENTS:
         rep = ingest(settings.index_dir, index, [department_dir(dept)], [dept], embedder, source_root=SAMPLE_ROOT,
-                     **chunk_options(settings, index), batch_size=settings.embed_batch_size, progress=progress)
+                     new_chunking=settings_chunking(settings), batch_size=settings.embed_batch_size,
+                     progress=progress)
         out(f"[ingest] {dept}: {len(rep.added)} added, {len(rep.replaced)} replaced, "
             f"{len(rep.unchanged)} unchanged, {rep.chunks_embedded} chunks embedded "
             f"({rep.chunks_per_second:.0f} chunks/s)")
@@ -79,7 +80,8 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
         f"{stats['answer_seconds'] / n:.2f}s per question (batches of {BATCH}, with and without the prompt)")
     for dept, summary in stats["departments"].items():
         out(describe(dept, summary))
-    stats["shipped"] = serve_shipped_departments(settings, embedder, limit=limit, progress=progress, out=out)
+    stats["shipped"] = serve_shipped_departments(settings, embedder, limit=limit, progress=progress, out=out,
+                                                 generator=pipe.generator)
     out(f"\nNext: `ragpt ask -i {index} -d hr \"...\"`, train a department prompt with `ragpt train`, "
         "release it with `ragpt prompts approve/activate`, serve with `ragpt serve --config service.toml` "
         "(see README).")
@@ -139,13 +141,13 @@ def describe(dept: str, s: dict) -> str:
 
 def trained_index(registry: PromptRegistry, dept: str) -> str:
     """The index `dept`'s active prompt was trained against (SHIPPED_INDEX without an active
-    prompt, or for one that records none)."""
+    prompt, or for one that records none); unknown to the demo: RagptError."""
     version = registry.active_version(dept)
-    name = registry.meta(dept, version).get("extra", {}).get("index") if version else None
+    name = (registry.meta(dept, version).get("extra") or {}).get("index") if version else None
     name = name or SHIPPED_INDEX
     if name not in SHIPPED_INDEXES:
         raise RagptError(f"{dept} {version} was trained against index {name!r}, which the demo does not know "
-                         f"how to rebuild (it knows {sorted(SHIPPED_INDEXES)})")
+                         f"how to rebuild (it knows {', '.join(sorted(SHIPPED_INDEXES))})")
     return name
 
 
@@ -155,13 +157,14 @@ def _report_problems(dept: str, rep, out) -> None:
 
 
 def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None = None,
-                              progress: bool = True, out=print) -> dict:
+                              progress: bool = True, out=print, generator=None) -> dict:
     """Answer held-out test questions of each department that has prompts in prompts/, without
     and with its active prompt (token-F1 against the reference answers).
 
     Needs the public data sets under `settings.data_dir` (documents and test questions);
-    imports them into cache_dir once and ingests them into the index "shared" (unchanged
-    documents are skipped on later runs).
+    imports them into cache_dir once and ingests them into the index each active prompt was
+    trained against (SHIPPED_INDEXES: "shared" or "shared-sentences", chunked as in training;
+    unchanged documents are skipped on later runs). One generator serves every index.
     """
     registry = PromptRegistry(settings.prompt_dir)
     known = set(registry.departments())  # one directory listing, not one per department
@@ -183,21 +186,29 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
     # Each department is served from the index its active prompt was trained against, with that
     # index's chunking; every index in use holds every shipped department (as in training, where
     # BM25's statistics came from all of them).
-    index_of = {d: trained_index(registry, d) for d in shipped}
+    index_of = {}
+    for d in shipped:
+        try:
+            index_of[d] = trained_index(registry, d)
+        except RagptError as e:
+            out(f"\n({d} not demonstrated: {e})")
     for name in sorted(set(index_of.values())):
-        for d in shipped:
+        for d in index_of:
             docs = imported / SHIPPED_DEPARTMENTS[d] / "docs"  # the root: sources keep the department folder
-            rep = ingest(settings.index_dir, name, [docs / d], [d], embedder, source_root=docs,
-                         **chunk_options(settings, name, **SHIPPED_INDEXES[name]),
-                         batch_size=settings.embed_batch_size, progress=progress)
+            try:
+                rep = ingest(settings.index_dir, name, [docs / d], [d], embedder, source_root=docs,
+                             **SHIPPED_INDEXES[name], batch_size=settings.embed_batch_size, progress=progress)
+            except ChunkingMismatchError as e:
+                raise RagptError(f"{e} (the shipped prompts were trained on index {name!r} chunked that way: "
+                                 f"`ragpt index delete {name}` and the demo rebuilds it)") from None
             out(f"[ingest] {d} into {name}: {len(rep.added)} added, {len(rep.unchanged)} unchanged")
             _report_problems(d, rep, out)
 
     # Each prompt is served with its own input contract (the inputs it was trained on).
-    pipes = {name: Pipeline(DocumentIndex.open(settings.index_dir, name), settings, embedder=embedder)
-             for name in sorted(set(index_of.values()))}
+    pipes = {name: Pipeline(DocumentIndex.open(settings.index_dir, name), settings, embedder=embedder,
+                            generator=generator) for name in sorted(set(index_of.values()))}
     results = {}
-    for d in shipped:
+    for d in index_of:
         version = registry.active_version(d)
         qs = load_qa(imported / SHIPPED_DEPARTMENTS[d] / "qa" / f"{d}.test.jsonl")[: limit or BATCH]
         if version is None:  # released prompts can be pulled (ragpt prompts deactivate): base model only
@@ -208,6 +219,7 @@ def serve_shipped_departments(settings: Settings, embedder, *, limit: int | None
         rows = compare_with_and_without(pipes[index_of[d]], d, [(q.question, q.answers) for q in qs], version)
         for q, (tuned, plain) in zip(qs, rows):
             out(_qa_block(q.question, q.answers, version, tuned, plain))
-        results[d] = summarise(d, [(q.answers, t, p) for q, (t, p) in zip(qs, rows)], version)
+        results[d] = {**summarise(d, [(q.answers, t, p) for q, (t, p) in zip(qs, rows)], version),
+                      "index": index_of[d]}
         out(f"\n{describe(d, results[d])} (full evaluation: README)")
     return results

@@ -89,7 +89,7 @@ def ingest(
     --strict failure, nothing written.
     """
     from ragpt.data.documents import collect_documents
-    from ragpt.data.ingest import chunk_options, delete_documents
+    from ragpt.data.ingest import delete_documents, settings_chunking
     from ragpt.data.ingest import ingest as run_ingest
     from ragpt.lm.models import load_embedder
 
@@ -104,8 +104,8 @@ def ingest(
         collect_documents(paths, root)
         rep = run_ingest(
             s.index_dir, index, paths, department, load_embedder(s), source_root=root, strict=strict,
-            **chunk_options(s, index, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
-                            chunk_splitter=chunk_splitter),
+            chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, chunk_splitter=chunk_splitter,
+            new_chunking=settings_chunking(s),
             batch_size=s.embed_batch_size, progress=not quiet, index_type=index_type,
             new_index_type=s.index_type,
         )

@@ -15,9 +15,10 @@ then it is relabelled. See ragpt.retrieval.index for old (format 1) indexes.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -70,21 +71,25 @@ class ChunkingMismatchError(RagptError):
     """Documents asked to be chunked unlike the rest of their index."""
 
 
+FLAGS = {"chunk_tokens": "--chunk-tokens", "chunk_overlap": "--chunk-overlap", "splitter": "--chunk-splitter"}
+
+
 def index_chunking(index: DocumentIndex | None, chunk_tokens: int | None = None, chunk_overlap: int | None = None,
-                   chunk_splitter: str | None = None) -> dict:
-    """The chunking an ingest into `index` uses: the index's own when it exists, else the values
-    given (None: the defaults).
+                   chunk_splitter: str | None = None, *, new_chunking: Mapping[str, Any] | None = None) -> dict:
+    """The chunking an ingest into `index` uses: the index's own when it exists; for a new one
+    (None) the values given, then `new_chunking` (e.g. the settings'), then the defaults.
 
     An index cuts every document one way, fixed when it is created: a prompt trained on its chunks
     sees the same kind of passage for every document, and re-ingesting an unchanged file changes
     nothing. A value given for an existing index that differs from its own is an error rather
-    than a second chunking mixed into the index.
+    than a second chunking mixed into the index; `new_chunking` never is.
     """
     asked = {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap, "splitter": chunk_splitter}
     if index is None:
-        return {k: DEFAULT_CHUNKING[k] if v is None else v for k, v in asked.items()}
+        fallback = {**DEFAULT_CHUNKING, **{k: v for k, v in (new_chunking or {}).items() if v is not None}}
+        return {k: fallback[k] if v is None else v for k, v in asked.items()}
     own = index.chunking
-    differ = [f"{k}={v!r} (the index: {own[k]!r})" for k, v in asked.items() if v is not None and v != own[k]]
+    differ = [f"{FLAGS[k]} {v} (the index: {own[k]})" for k, v in asked.items() if v is not None and v != own[k]]
     if differ:
         raise ChunkingMismatchError(
             f"index {index.name!r} chunks its documents with {_chunking_text(own)}, fixed when it was created; "
@@ -93,18 +98,13 @@ def index_chunking(index: DocumentIndex | None, chunk_tokens: int | None = None,
     return own
 
 
-def chunk_options(settings: Settings, name: str, *, chunk_tokens: int | None = None,
-                  chunk_overlap: int | None = None, chunk_splitter: str | None = None) -> dict:
-    """`ingest`'s chunk options from explicit values and the settings: the settings fill in what
-    is not given for a new index; an existing index keeps its own chunking, so only the explicit
-    values are checked against it."""
-    given = {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap, "chunk_splitter": chunk_splitter}
-    if DocumentIndex.exists(settings.index_dir, name):
-        return given
-    return {k: getattr(settings, k) if v is None else v for k, v in given.items()}
+def settings_chunking(settings: Settings) -> dict:
+    """The settings' chunking, for `ingest(new_chunking=...)`: what a new index gets."""
+    return {"chunk_tokens": settings.chunk_tokens, "chunk_overlap": settings.chunk_overlap,
+            "splitter": settings.chunk_splitter}
 
 
-def _chunking_text(c: dict) -> str:
+def _chunking_text(c: Mapping[str, Any]) -> str:
     return f"the {c['splitter']} splitter, {c['chunk_tokens']} tokens, overlap {c['chunk_overlap']}"
 
 
@@ -236,6 +236,7 @@ def ingest(
     chunk_tokens: int | None = None,
     chunk_overlap: int | None = None,
     chunk_splitter: str | None = None,
+    new_chunking: Mapping[str, Any] | None = None,
     batch_size: int = 32,
     progress: bool = True,
     index_type: str | None = None,
@@ -250,8 +251,9 @@ def ingest(
     Files that cannot be ingested are listed in report.skipped / report.failed (strict: raise).
     `index_type` (auto, flat, ivf) changes the index's dense search structure from this save
     on; a new index gets `new_index_type` (the index_type setting) unless it is given.
-    The chunk options set a new index's chunking; an existing index keeps its own, and a
-    different value given for it raises ChunkingMismatchError (`index_chunking`).
+    The chunk options set a new index's chunking (what is not given: `new_chunking`, such as
+    `settings_chunking(settings)`, then 200/40 recursive); an existing index keeps its own, and
+    a different chunk option given for it raises ChunkingMismatchError (`index_chunking`).
     """
     t0 = time.perf_counter()
     root = Path(root)
@@ -259,7 +261,7 @@ def ingest(
     existing = DocumentIndex.open(root, name) if DocumentIndex.exists(root, name) else None
     if existing is not None:  # fail on a mismatch before reading documents or taking the lock
         existing.check_embedder(embedder.name, embedder.dim)
-    chunking = index_chunking(existing, chunk_tokens, chunk_overlap, chunk_splitter)
+    chunking = index_chunking(existing, chunk_tokens, chunk_overlap, chunk_splitter, new_chunking=new_chunking)
     del existing  # reopened under the lock: another ingest may have saved since
     departments = _check_arguments(name, paths, departments, embedder, chunking["chunk_tokens"])
     report = IngestReport(index=name)

@@ -232,6 +232,7 @@ def soft_method(registry: PromptRegistry, department: str, name: str, version: s
             "created": sp.meta.get("created"), "author": sp.meta.get("author"),
             "training_data_sha256": sp.meta.get("training_data_sha256"),
             "index_manifest_sha256": sp.meta.get("index_manifest_sha256"),
+            "index": (sp.meta.get("extra") or {}).get("index"),
             "hyperparameters": {k: hp.get(k) for k in ("steps", "lr", "n_tokens", "depth", "init", "k", "gold_context",
                                                        "max_context_tokens", "seed", "dev_fraction", "dev_max")
                                 if k in hp},
@@ -561,6 +562,12 @@ def run_evaluation(
     devs = {d: for_department(dev_qas, d) if dev_qas else None for d in sampled}
     plans = {d: _plan_methods(d, methods, generator, registry, prompt_specs, fingerprint, instruction,
                               trains[d], devs[d], cfg, notes) for d in sampled}
+    for d, plan in plans.items():
+        for m in plan:
+            trained_on = m.details.get("index") if m.kind == "soft" else None
+            if trained_on and trained_on != retriever.index.name:
+                notes.append(f"{d}: {m.name} was trained against index {trained_on!r} and is evaluated on "
+                             f"{retriever.index.name!r}; its passages here may differ from the ones it learned on")
 
     # Hygiene before any generation: fail fast, never after an hour of decoding.
     hygiene = {d: {"methods": {m.name: leak_check(sampled[d], m) for m in plans[d]},

@@ -8,7 +8,9 @@ token-F1 with paired bootstrap 95% intervals (* : excludes 0):
   (same contract), and span hit@2 on each;
 * the new prompt vs no prompt, on the sentence index (what the README's department table shows);
 * the new prompt vs the prompt shipped before it, each as served on its own index with its own
-  contract (benchmarks/served_contract_check.py's predictions; same questions, paired by id).
+  contract (benchmarks/served_contract_check.py's predictions; same questions, paired by id);
+* when the same recipe was also run on the recursive-chunk index (--recursive-out), the
+  splitter's effect with a prompt trained on each: sentences vs recursive, paired.
 
     .venv/bin/python benchmarks/default_prompts_table.py   # -> results/default_prompts.{json,md}
 """
@@ -36,35 +38,59 @@ def _span_hit(results: Path, dept: str) -> float:
     return json.loads(results.read_text())["departments"][dept]["retrieval"]["answer_span"]["hit_at_k"]["mean"]
 
 
-def _columns(out: Path, shipped: Path, dept: str, index: str, base: str) -> dict[str, dict[str, float]] | None:
+def _columns(out: Path, shipped: Path, recursive: Path | None, dept: str, index: str,
+             base: str) -> dict[str, dict[str, float]] | None:
     files = {"new": out / dept / index / "predictions.jsonl", "base": out / dept / base / "predictions.jsonl",
              "shipped": shipped / dept / "predictions.jsonl"}
+    if recursive is not None:
+        files["recursive"] = recursive / dept / base / "predictions.jsonl"
     if not all(f.is_file() for f in files.values()):
         return None
-    new, base_none, old = (predictions_f1(f) for f in files.values())
-    return {"none_sentences": new["none"], "soft_new": new["soft"], "none_recursive": base_none["none"],
-            "soft_shipped": old["soft"]}
+    got = {k: predictions_f1(f) for k, f in files.items()}
+    cols = {"none_sentences": got["new"]["none"], "soft_new": got["new"]["soft"],
+            "none_recursive": got["base"]["none"], "soft_shipped": got["shipped"]["soft"]}
+    if recursive is not None:
+        if sorted(got["recursive"]["none"]) != sorted(got["base"]["none"]):
+            raise SystemExit(f"{dept}: the two no-prompt evaluations on {base} asked other questions")
+        # Same index, contract and model; batched with other rows, a bf16 near-tie may still flip a token.
+        differ = sum(abs(got["recursive"]["none"][q] - f) > 1e-9 for q, f in got["base"]["none"].items())
+        if differ:
+            print(f"note: {dept}: {differ} of {len(got['base']['none'])} no-prompt answers on {base} differ "
+                  "between the two runs", file=sys.stderr)
+        cols["soft_recursive"] = got["recursive"]["soft"]
+    return cols
+
+
+PAIRS = {"splitter (no prompt)": ("none_sentences", "none_recursive"),
+         "new - none": ("soft_new", "none_sentences"),
+         "new - shipped": ("soft_new", "soft_shipped"),
+         "recursive prompt - none": ("soft_recursive", "none_recursive"),
+         "splitter (with prompt)": ("soft_new", "soft_recursive")}
 
 
 def _compare(cols: dict[str, list[float]]) -> dict:
     ci = {k: bootstrap_ci(v).to_dict() for k, v in cols.items()}
-    pairs = {"splitter (no prompt)": ("none_sentences", "none_recursive"),
-             "new - none": ("soft_new", "none_sentences"),
-             "new - shipped": ("soft_new", "soft_shipped")}
-    ci.update({name: paired_difference_ci(cols[a], cols[b]).to_dict() for name, (a, b) in pairs.items()})
+    ci.update({name: paired_difference_ci(cols[a], cols[b]).to_dict() for name, (a, b) in PAIRS.items()
+               if a in cols and b in cols})
     ci["n"] = len(cols["none_sentences"])
     return ci
 
 
-def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path) -> dict:
+def _verdict(prompt_dir: Path, d: str, version: str) -> tuple[dict, dict]:
+    meta = json.loads((prompt_dir / d / version / "meta.json").read_text())
+    return meta, meta["metrics"]["dev_verdict"]
+
+
+def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path,
+              recursive: Path | None = None, recursive_prompt_dir: Path | None = None) -> dict:
     registry = PromptRegistry(prompt_dir)
     rows, pooled = {}, {}
     for d in AGENCIES:
-        by = _columns(out, shipped, d, index, base)
+        by = _columns(out, shipped, recursive, d, index, base)
         if by is None:
             continue
         qids = sorted(by["none_sentences"])
-        if sorted(by["none_recursive"]) != qids or sorted(by["soft_shipped"]) != qids:
+        if any(sorted(v) != qids for v in by.values()):
             raise SystemExit(f"{d}: the evaluations did not answer the same questions; not comparable")
         cols = {k: [v[q] for q in qids] for k, v in by.items()}
         runs = {name: json.loads((out / d / name / "results.json").read_text())["departments"][d]
@@ -72,8 +98,7 @@ def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path)
         if runs[index]["contract"] != runs[base]["contract"]:
             raise SystemExit(f"{d}: no prompt was evaluated with other inputs on {index} than on {base}")
         version = (out / d / "version").read_text().strip()
-        meta = json.loads((prompt_dir / d / version / "meta.json").read_text())
-        verdict = meta["metrics"]["dev_verdict"]
+        meta, verdict = _verdict(prompt_dir, d, version)
         row = _compare(cols)
         row.update(version=version, state=registry.status(d, version)["state"],
                    shipped_version=json.loads((shipped / d / "results.json").read_text())["run"]["prompt_specs"][0],
@@ -82,12 +107,21 @@ def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path)
                    k=runs[index]["contract"]["k"],
                    span_hit_at_2={"recursive": _span_hit(out / d / base / "results.json", d),
                                   "sentences": _span_hit(out / d / index / "results.json", d)})
+        if recursive is not None and recursive_prompt_dir is not None:
+            rv = (recursive / d / "version").read_text().strip()
+            rmeta, rverdict = _verdict(recursive_prompt_dir, d, rv)
+            row.update(recursive_dev_verdict=rverdict, recursive_best_step=rmeta["metrics"]["best_step"],
+                       recursive_train_minutes=round(rmeta["metrics"]["train_seconds"] / 60, 1))
         rows[d] = row
         for k, v in cols.items():
             pooled.setdefault(k, []).extend(v)
     if pooled:
         rows["pooled"] = _compare(pooled)
     return rows
+
+
+def _v(v: dict) -> str:
+    return f"{v['verdict']} {v['delta']:+.1f} [{v['low']:+.1f}, {v['high']:+.1f}]"
 
 
 def markdown(rows: dict, index: str, base: str) -> str:
@@ -108,14 +142,24 @@ def markdown(rows: dict, index: str, base: str) -> str:
         else:
             h = r["span_hit_at_2"]
             hit = f"{h['recursive']:.1f} → {h['sentences']:.1f}"
-            v = r["dev_verdict"]
-            verdict = f"{v['verdict']} {v['delta']:+.1f} [{v['low']:+.1f}, {v['high']:+.1f}] ({r['state']})"
+            verdict = f"{_v(r['dev_verdict'])} ({r['state']})"
             name = f"{d} {r['version']}"
         shipped = f"{r['soft_shipped']['mean']:.1f}" + (f" ({r['shipped_version']})" if d != "pooled" else "")
         lines.append(f"| {name} | {r['n']} | {hit} | {r['none_recursive']['mean']:.1f} → "
                      f"{r['none_sentences']['mean']:.1f}: {format_ci(r['splitter (no prompt)'], True)} | "
                      f"{r['soft_new']['mean']:.1f} | {format_ci(r['new - none'], True)} | {shipped} | "
                      f"{format_ci(r['new - shipped'], True)} | {verdict} |")
+    if "soft_recursive" in rows.get("pooled", {}):
+        lines += ["", "The same recipe trained on the recursive-chunk index (a scratch registry, released nowhere), "
+                  "so the splitter's effect with a prompt is paired on the same questions:", "",
+                  "| agency | n | no prompt, recursive | prompt on recursive | - no prompt | prompt on sentences | "
+                  "sentences - recursive (with prompts) | recursive prompt's dev verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for d, r in rows.items():
+            verdict = "" if d == "pooled" else _v(r["recursive_dev_verdict"])
+            lines.append(f"| {'**pooled**' if d == 'pooled' else d} | {r['n']} | {r['none_recursive']['mean']:.1f} | "
+                         f"{r['soft_recursive']['mean']:.1f} | {format_ci(r['recursive prompt - none'], True)} | "
+                         f"{r['soft_new']['mean']:.1f} | {format_ci(r['splitter (with prompt)'], True)} | {verdict} |")
     per = [f"{d} {r['train_minutes']} min (step {r['best_step']} kept)" for d, r in rows.items() if d != "pooled"]
     lines += ["", "Training: " + ", ".join(per) + ".", "",
               "Command: `benchmarks/default_prompts.sh` (then this script).", ""]
@@ -129,8 +173,13 @@ def main() -> None:
     ap.add_argument("--index", default="shared-sentences")
     ap.add_argument("--base-index", default="shared")
     ap.add_argument("--prompt-dir", type=Path, default=HERE.parent / "prompts")
+    ap.add_argument("--recursive-out", type=Path, default=HERE / "results" / "default_prompts_recursive",
+                    help="the same recipe's run on the recursive-chunk index (used when it is there)")
+    ap.add_argument("--recursive-prompt-dir", type=Path, default=HERE.parent / ".cache" / "recursive-prompts")
     args = ap.parse_args()
-    rows = summarise(args.out, args.shipped, args.index, args.base_index, args.prompt_dir)
+    recursive = args.recursive_out if args.recursive_out.is_dir() else None
+    rows = summarise(args.out, args.shipped, args.index, args.base_index, args.prompt_dir, recursive,
+                     args.recursive_prompt_dir)
     if not rows:
         raise SystemExit(f"no finished department under {args.out}")
     (args.out.parent / "default_prompts.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -42,14 +42,14 @@ def _columns(out: Path, shipped: Path, recursive: Path | None, dept: str, index:
              base: str) -> dict[str, dict[str, float]] | None:
     files = {"new": out / dept / index / "predictions.jsonl", "base": out / dept / base / "predictions.jsonl",
              "shipped": shipped / dept / "predictions.jsonl"}
-    if recursive is not None:
-        files["recursive"] = recursive / dept / base / "predictions.jsonl"
     if not all(f.is_file() for f in files.values()):
         return None
+    if recursive is not None and (recursive / dept / base / "predictions.jsonl").is_file():
+        files["recursive"] = recursive / dept / base / "predictions.jsonl"
     got = {k: predictions_f1(f) for k, f in files.items()}
     cols = {"none_sentences": got["new"]["none"], "soft_new": got["new"]["soft"],
             "none_recursive": got["base"]["none"], "soft_shipped": got["shipped"]["soft"]}
-    if recursive is not None:
+    if "recursive" in got:
         if sorted(got["recursive"]["none"]) != sorted(got["base"]["none"]):
             raise SystemExit(f"{dept}: the two no-prompt evaluations on {base} asked other questions")
         # Same index, contract and model; batched with other rows, a bf16 near-tie may still flip a token.
@@ -84,7 +84,7 @@ def _verdict(prompt_dir: Path, d: str, version: str) -> tuple[dict, dict]:
 def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path,
               recursive: Path | None = None, recursive_prompt_dir: Path | None = None) -> dict:
     registry = PromptRegistry(prompt_dir)
-    rows, pooled = {}, {}
+    rows, pooled, pooled_r = {}, {}, {}
     for d in AGENCIES:
         by = _columns(out, shipped, recursive, d, index, base)
         if by is None:
@@ -107,16 +107,25 @@ def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path,
                    k=runs[index]["contract"]["k"],
                    span_hit_at_2={"recursive": _span_hit(out / d / base / "results.json", d),
                                   "sentences": _span_hit(out / d / index / "results.json", d)})
-        if recursive is not None and recursive_prompt_dir is not None:
+        if "soft_recursive" in cols and recursive_prompt_dir is not None:
             rv = (recursive / d / "version").read_text().strip()
             rmeta, rverdict = _verdict(recursive_prompt_dir, d, rv)
             row.update(recursive_dev_verdict=rverdict, recursive_best_step=rmeta["metrics"]["best_step"],
                        recursive_train_minutes=round(rmeta["metrics"]["train_seconds"] / 60, 1))
         rows[d] = row
         for k, v in cols.items():
-            pooled.setdefault(k, []).extend(v)
+            if k != "soft_recursive":
+                pooled.setdefault(k, []).extend(v)
+            if "soft_recursive" in cols:  # the agencies the recursive run reached, pooled apart
+                pooled_r.setdefault(k, []).extend(v)
     if pooled:
         rows["pooled"] = _compare(pooled)
+        agencies = [r for r in rows.values() if "span_hit_at_2" in r]
+        rows["pooled"]["span_hit_at_2"] = {
+            s: round(sum(r["n"] * r["span_hit_at_2"][s] for r in agencies) / sum(r["n"] for r in agencies), 2)
+            for s in ("recursive", "sentences")}
+    if pooled_r:
+        rows["pooled (recursive run)"] = _compare(pooled_r)
     return rows
 
 
@@ -137,11 +146,13 @@ def markdown(rows: dict, index: str, base: str) -> str:
              "new - no prompt | shipped prompt | new - shipped | dev verdict (state) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for d, r in rows.items():
+        if d == "pooled (recursive run)":
+            continue
+        h = r["span_hit_at_2"]
+        hit = f"{h['recursive']:.1f} → {h['sentences']:.1f}"
         if d == "pooled":
-            hit, verdict, name = "", "", "**pooled**"
+            verdict, name = "", "**pooled**"
         else:
-            h = r["span_hit_at_2"]
-            hit = f"{h['recursive']:.1f} → {h['sentences']:.1f}"
             verdict = f"{_v(r['dev_verdict'])} ({r['state']})"
             name = f"{d} {r['version']}"
         shipped = f"{r['soft_shipped']['mean']:.1f}" + (f" ({r['shipped_version']})" if d != "pooled" else "")
@@ -149,18 +160,22 @@ def markdown(rows: dict, index: str, base: str) -> str:
                      f"{r['none_sentences']['mean']:.1f}: {format_ci(r['splitter (no prompt)'], True)} | "
                      f"{r['soft_new']['mean']:.1f} | {format_ci(r['new - none'], True)} | {shipped} | "
                      f"{format_ci(r['new - shipped'], True)} | {verdict} |")
-    if "soft_recursive" in rows.get("pooled", {}):
+    if "pooled (recursive run)" in rows:
         lines += ["", "The same recipe trained on the recursive-chunk index (a scratch registry, released nowhere), "
                   "so the splitter's effect with a prompt is paired on the same questions:", "",
                   "| agency | n | no prompt, recursive | prompt on recursive | - no prompt | prompt on sentences | "
                   "sentences - recursive (with prompts) | recursive prompt's dev verdict |",
                   "|---|---|---|---|---|---|---|---|"]
         for d, r in rows.items():
-            verdict = "" if d == "pooled" else _v(r["recursive_dev_verdict"])
-            lines.append(f"| {'**pooled**' if d == 'pooled' else d} | {r['n']} | {r['none_recursive']['mean']:.1f} | "
+            if "soft_recursive" not in r:
+                continue
+            pool = d.startswith("pooled")
+            verdict = "" if pool else _v(r["recursive_dev_verdict"])
+            lines.append(f"| {'**pooled**' if pool else d} | {r['n']} | {r['none_recursive']['mean']:.1f} | "
                          f"{r['soft_recursive']['mean']:.1f} | {format_ci(r['recursive prompt - none'], True)} | "
                          f"{r['soft_new']['mean']:.1f} | {format_ci(r['splitter (with prompt)'], True)} | {verdict} |")
-    per = [f"{d} {r['train_minutes']} min (step {r['best_step']} kept)" for d, r in rows.items() if d != "pooled"]
+    per = [f"{d} {r['train_minutes']} min (step {r['best_step']} kept)" for d, r in rows.items()
+           if not d.startswith("pooled")]
     lines += ["", "Training: " + ", ".join(per) + ".", "",
               "Command: `benchmarks/default_prompts.sh` (then this script).", ""]
     return "\n".join(lines)

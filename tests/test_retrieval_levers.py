@@ -133,7 +133,7 @@ def test_an_index_keeps_the_chunking_it_was_created_with(tmp_path, monkeypatch, 
     (more / "new.txt").write_text("A third document.", encoding="utf-8")
     bad = CliRunner().invoke(app, ["ingest", "-i", "s", "-d", "hr", str(more), "--chunk-splitter", "recursive"])
     assert bad.exit_code == 2
-    assert "splitter='recursive' (the index: 'sentences')" in bad.output and "fixed when it was created" in bad.output
+    assert "recursive (the index: sentences)" in bad.output and "fixed when it was created" in bad.output
     assert str(tmp_path) not in bad.output
     assert (tmp_path / "indexes" / "s" / "CURRENT").read_text() == snapshot
     assert "new.txt" not in DocumentIndex.open(tmp_path / "indexes", "s").documents

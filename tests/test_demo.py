@@ -38,15 +38,14 @@ def test_demo_ingests_the_sample_corpus_and_answers_with_cited_sources(tmp_path,
     assert all("0 added" in line and "12 unchanged" in line for line in lines if line.startswith("[ingest]"))
 
 
-def test_demo_serves_departments_with_shipped_prompts(tmp_path, tiny_tokenizer):
-    """A department with an active prompt and its data set under data_dir is imported, ingested
-    into the index "shared" and answered with and without its prompt."""
+def _shipped_setup(tmp_path, tiny_tokenizer):
+    """Settings over a tiny generator and a doc2dial-shaped data_dir, the registry, and
+    `release(dept, **extra)`: register, approve and activate a random prompt (extra: its meta's)."""
     import torch
     from test_datasets import make_doc2dial
 
-    from ragpt.cli.demo import SHIPPED_INDEX, run_demo
     from ragpt.config import Settings
-    from ragpt.retrieval.index import DocumentIndex
+    from ragpt.lm.models import load_generator_model
     from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
     from ragpt.softprompts.registry import PromptRegistry
 
@@ -57,14 +56,27 @@ def test_demo_serves_departments_with_shipped_prompts(tmp_path, tiny_tokenizer):
     settings = Settings(index_dir=tmp_path / "indexes", generator=str(gen_dir), max_new_tokens=4, bf16="off",
                         prompt_dir=tmp_path / "prompts", data_dir=make_doc2dial(tmp_path / "data"),
                         cache_dir=tmp_path / "cache")
-    from ragpt.lm.models import load_generator_model
-
     fp = base_model_fingerprint(load_generator_model(settings)[0])
     reg = PromptRegistry(settings.prompt_dir)
-    v = reg.register(SoftPrompt.create(torch.randn(3, model.config.hidden_size), department="dmv",
-                                       base_fingerprint=fp), actor="test")
-    reg.approve("dmv", v, actor="test")
-    reg.activate("dmv", v, actor="test")
+
+    def release(dept: str, **extra) -> str:
+        v = reg.register(SoftPrompt.create(torch.randn(3, model.config.hidden_size), department=dept,
+                                           base_fingerprint=fp, extra=extra), actor="test")
+        reg.approve(dept, v, actor="test")
+        reg.activate(dept, v, actor="test")
+        return v
+
+    return settings, reg, release
+
+
+def test_demo_serves_departments_with_shipped_prompts(tmp_path, tiny_tokenizer):
+    """A department with an active prompt and its data set under data_dir is imported, ingested
+    into the index "shared" and answered with and without its prompt."""
+    from ragpt.cli.demo import SHIPPED_INDEX, run_demo
+    from ragpt.retrieval.index import DocumentIndex
+
+    settings, reg, release = _shipped_setup(tmp_path, tiny_tokenizer)
+    v = release("dmv")
 
     lines: list[str] = []
     stats = run_demo(settings, index="demo", limit=2, progress=False, out=lines.append)
@@ -86,34 +98,11 @@ def test_demo_serves_departments_with_shipped_prompts(tmp_path, tiny_tokenizer):
 def test_demo_serves_each_prompt_on_the_index_it_was_trained_against(tmp_path, tiny_tokenizer):
     """A prompt trained on sentence-packed chunks is answered from an index chunked that way, one
     that records no index from "shared"; a prompt from an index the demo cannot rebuild is an error."""
-    import torch
-    from test_datasets import make_doc2dial
-
     from ragpt.cli.demo import SHIPPED_INDEX, run_demo
-    from ragpt.config import Settings
     from ragpt.errors import RagptError
-    from ragpt.lm.models import load_generator_model
     from ragpt.retrieval.index import DocumentIndex
-    from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
-    from ragpt.softprompts.registry import PromptRegistry
 
-    gen_dir = tmp_path / "tiny-generator"
-    model = build_tiny_model(tiny_tokenizer)
-    model.save_pretrained(gen_dir)
-    tiny_tokenizer.save_pretrained(gen_dir)
-    settings = Settings(index_dir=tmp_path / "indexes", generator=str(gen_dir), max_new_tokens=4, bf16="off",
-                        prompt_dir=tmp_path / "prompts", data_dir=make_doc2dial(tmp_path / "data"),
-                        cache_dir=tmp_path / "cache")
-    fp = base_model_fingerprint(load_generator_model(settings)[0])
-    reg = PromptRegistry(settings.prompt_dir)
-
-    def release(dept: str, **extra) -> str:
-        v = reg.register(SoftPrompt.create(torch.randn(3, model.config.hidden_size), department=dept,
-                                           base_fingerprint=fp, extra=extra), actor="test")
-        reg.approve(dept, v, actor="test")
-        reg.activate(dept, v, actor="test")
-        return v
-
+    settings, _, release = _shipped_setup(tmp_path, tiny_tokenizer)
     release("dmv", index="shared-sentences")
     release("ssa")
     lines: list[str] = []

@@ -19,15 +19,12 @@ import asyncio
 import logging
 import time
 
-import torch
-
 from ragpt.config import Settings
 from ragpt.errors import SoftPromptError
 from ragpt.lm.generator import Generator, load_generator
 from ragpt.lm.models import Embedder, load_embedder
 from ragpt.retrieval.index import DocumentIndex
 from ragpt.retrieval.router import DepartmentRouter, chunk_vectors
-from ragpt.serving.contract import InputContract
 from ragpt.serving.pipeline import Pipeline
 from ragpt.serving.request import ChatRequest, Turn
 from ragpt.serving.scheduler import BatcherStopped, ChatJob, ContinuousBatcher, MicroBatcher, Overloaded, Ticket
@@ -98,9 +95,9 @@ class ServicePipeline(Pipeline):
     damaged audit log stays what it was, a 500: it is not one version's problem.)
     """
 
-    def load_version(self, department: str, version: str) -> tuple[torch.Tensor, InputContract]:
+    def load_version(self, department: str, version: str, *, with_adapter: bool = False) -> tuple:
         try:
-            return super().load_version(department, version)
+            return super().load_version(department, version, with_adapter=with_adapter)
         except SoftPromptError as e:
             log.error("department %s: soft prompt %s failed its checks at load and is not served: %s",
                       department, version, e)

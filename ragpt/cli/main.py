@@ -306,6 +306,12 @@ def train(
     gold_context: Annotated[str, typer.Option(
         help="Put the gold passage in the context: never, missed (when retrieval missed the answer), always."
     )] = "never",
+    query_adapter: Annotated[bool, typer.Option(
+        "--query-adapter/--no-query-adapter",
+        help="Also learn a query adapter (a linear map on question embeddings) from the training questions and "
+             "retrieve every example with it; kept with the prompt where it finds more answers on held-out "
+             "training questions. Helps new questions about the documents the training questions cover, can "
+             "hurt on documents none of them is about (docs/results.md).")] = False,
     max_context_tokens: Annotated[int | None, typer.Option(
         help="Prompt token budget (default: the max_context_tokens setting).")] = None,
     eval_every: Annotated[int, typer.Option(help="Dev evaluation every N steps (0: at the end).")] = 20,
@@ -341,7 +347,8 @@ def train(
             batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, k=s.k,
             max_context_tokens=s.max_context_tokens, max_question_tokens=s.max_question_tokens,
             max_history_tokens=s.max_history_tokens, query_rule=s.query_rule, gold_context=gold_context,
-            eval_every=eval_every, patience=patience, dev_fraction=dev_fraction, dev_max=dev_max, seed=seed,
+            query_adapter=query_adapter, eval_every=eval_every, patience=patience, dev_fraction=dev_fraction,
+            dev_max=dev_max, seed=seed,
             checkpoint_every=max(1, eval_every or 20),
         )
         summary = run_training(

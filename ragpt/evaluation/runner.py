@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -128,6 +129,7 @@ class Method:
     training_keys: set[str] | None = None
     training_verified: bool = False  # keys provably those of the method's training data
     training_source: str = ""
+    query_adapter: Any = None  # a soft version's query adapter (ragpt.retrieval.query_adapter), if it has one
 
     def describe(self) -> dict:
         return {"kind": self.kind, "trainable_parameters": self.trainable_parameters, "bytes": self.bytes,
@@ -243,6 +245,7 @@ def soft_method(registry: PromptRegistry, department: str, name: str, version: s
         training_keys=set(keys) if isinstance(keys, list) else None,
         training_verified=isinstance(keys, list),
         training_source="the prompt's metadata (question hashes)" if isinstance(keys, list) else "",
+        query_adapter=sp.query_adapter,
     )
     if method.training_keys is None and train_qas is not None:
         verified = reproduces_training_hash(sp.meta, train_qas, dev_qas)
@@ -320,12 +323,14 @@ def _served_context(qa: QAExample, example: TrainExample, hits, cfg: EvalConfig,
 
 
 def prepare(retriever: Retriever, tokenizer, qas: list[QAExample], department: str, cfg: EvalConfig,
-            progress: bool = True, contract: InputContract | None = None) -> list[Prepared]:
+            progress: bool = True, contract: InputContract | None = None, adapter=None) -> list[Prepared]:
     """Build the served inputs and score retrieval; nothing here depends on the method.
 
-    `cfg.k` is the contract's k here (run_evaluation resolves it per department)."""
+    `cfg.k` is the contract's k here (run_evaluation resolves it per department); `adapter` is the
+    query adapter of the version whose contract it is, when that contract uses one."""
     contract = contract or InputContract().apply(cfg.overrides())[0]
-    examples = build_examples(qas, retriever, tokenizer, cfg.train_config(department, contract), progress)
+    examples = build_examples(qas, retriever, tokenizer, cfg.train_config(department, contract), progress,
+                              adapter=adapter)
     readable = {c.source for c in retriever.index.chunks.values() if department in c.departments}
     in_index: dict[str, bool] = {}
     out: list[Prepared] = []
@@ -333,6 +338,8 @@ def prepare(retriever: Retriever, tokenizer, qas: list[QAExample], department: s
         chunk = qas[start:start + RETRIEVAL_BATCH]
         questions = [ex.query for ex in examples[start:start + RETRIEVAL_BATCH]]  # what the served input searched
         vecs = retriever.embedder.encode(questions) if retriever.dense else None
+        if vecs is not None and adapter is not None:
+            vecs = adapter.apply(vecs)
         served = retriever.search_many(questions, [department] * len(chunk), cfg.k, query_vectors=vecs)
         deep = served if cfg.depth == cfg.k else retriever.search_many(
             questions, [department] * len(chunk), cfg.depth, query_vectors=vecs)
@@ -588,7 +595,9 @@ def run_evaluation(
         d_retriever = retriever if (retriever.dense, retriever.bm25, retriever.rrf_k) == (
             contract.dense, contract.bm25, contract.rrf_k) else Retriever(
             retriever.index, retriever.embedder, dense=contract.dense, bm25=contract.bm25, rrf_k=contract.rrf_k)
-        prepared = prepare(d_retriever, generator.tokenizer, qas, d, dcfg, progress, contract)
+        adapter = next((m.query_adapter for m in plans[d] if m.kind == "soft" and m.details.get("contract")), None) \
+            if contract.query_adapter else None
+        prepared = prepare(d_retriever, generator.tokenizer, qas, d, dcfg, progress, contract, adapter)
         all_prepared += prepared
         dept: dict = {"n": len(qas), "examples_sha256": examples_sha256(qas), "contract": contract.to_dict(),
                       "contract_source": contract_source,

@@ -24,7 +24,9 @@ GOLD_CONTEXT_MODES = ("never", "missed", "always")
 # Fields a request may change; the template and the training-only gold-context mode are facts
 # about how the prompt was trained, not knobs of a request.
 OVERRIDABLE = ("k", "max_context_tokens", "max_question_tokens", "max_history_tokens", "dense", "bm25", "rrf_k",
-               "query_rule")
+               "query_rule", "query_adapter")
+# Overridable fields that are facts of a version, not settings: a request without a version has none.
+NOT_SETTINGS = ("query_adapter",)
 
 
 class ContractError(RagptError):
@@ -43,6 +45,9 @@ class InputContract:
     rrf_k: int = CONTRACT_DEFAULTS["rrf_k"]  # fusion constant
     query_rule: str = CONTRACT_DEFAULTS["query_rule"]  # retrieval query of a follow-up (ragpt.serving.conversation)
     gold_context: str = "never"  # training only: was the gold passage put into the context
+    # The dense search maps the question's embedding with the version's query adapter
+    # (ragpt.retrieval.query_adapter); a request may turn it off, not on.
+    query_adapter: bool = False
 
     def check(self) -> InputContract:
         if not 1 <= self.k <= 100:
@@ -57,6 +62,8 @@ class InputContract:
             raise ContractError(f"rrf_k must be >= 1, got {self.rrf_k}")
         if self.template != TEMPLATE_VERSION:
             raise ContractError(f"template {self.template!r} is not known to this ragpt (it has {TEMPLATE_VERSION!r})")
+        if self.query_adapter and not self.dense:
+            raise ContractError("query_adapter needs the dense ranker (dense true)")
         if self.gold_context not in GOLD_CONTEXT_MODES:
             raise ContractError(f"gold_context must be one of {GOLD_CONTEXT_MODES}, got {self.gold_context!r}")
         try:
@@ -66,7 +73,10 @@ class InputContract:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["query_adapter"]:  # a version without one records its contract as before the field existed
+            del d["query_adapter"]
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InputContract:
@@ -80,7 +90,7 @@ class InputContract:
     @classmethod
     def from_settings(cls, settings) -> InputContract:
         """What a request without a prompt version gets: the configured values."""
-        return cls(**{name: getattr(settings, name) for name in OVERRIDABLE}).check()
+        return cls(**{name: getattr(settings, name) for name in OVERRIDABLE if name not in NOT_SETTINGS}).check()
 
     @classmethod
     def from_prompt_meta(cls, meta: Mapping[str, Any]) -> InputContract:
@@ -106,6 +116,8 @@ class InputContract:
             raise ContractError(f"cannot override input-contract field(s) {bad[:5]}; "
                                 f"overridable: {', '.join(OVERRIDABLE)}")
         used = _typed(self, {k: v for k, v in overrides.items() if v is not None}).check()
+        if used.query_adapter and not self.query_adapter:
+            raise ContractError("query_adapter can only be turned off: this prompt version has no query adapter")
         diff = {name: {"contract": getattr(self, name), "used": getattr(used, name)}
                 for name in OVERRIDABLE if getattr(self, name) != getattr(used, name)}
         return used, diff

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ragpt.config import Settings, load_settings
+from ragpt.errors import SoftPromptError
 from ragpt.lm.generator import Generator, load_generator
 from ragpt.lm.models import Embedder, load_embedder
 from ragpt.lm.template import Turn
@@ -58,7 +59,8 @@ class Pipeline:
         self._retriever: Retriever | None = None
         self._registry = None
         self.max_prompts = max_prompts
-        self._prompts: OrderedDict[tuple[str, str], tuple[torch.Tensor, InputContract]] = OrderedDict()
+        # (department, version) -> (tensor, contract, query adapter or None)
+        self._prompts: OrderedDict[tuple[str, str], tuple[torch.Tensor, InputContract, Any]] = OrderedDict()
         self._prompts_lock = threading.Lock()
         self.default_contract = InputContract.from_settings(settings)
         if settings.threads:
@@ -115,19 +117,27 @@ class Pipeline:
             version = self.registry.active_version_or_none(department)  # from the replayed log
             if version is None:
                 return None, None, self.default_contract
+        tensor, contract, _ = self._loaded(department, version)
+        return tensor, version, contract
+
+    def query_adapter(self, department: str, version: str | None):
+        """The query adapter stored with a version (ragpt.retrieval.query_adapter), or None."""
+        return None if version is None else self._loaded(department, version)[2]
+
+    def _loaded(self, department: str, version: str) -> tuple[torch.Tensor, InputContract, Any]:
         key = (department, version)
         with self._prompts_lock:
             hit = self._prompts.get(key)
             if hit is not None:
                 self._prompts.move_to_end(key)
-                return hit[0], version, hit[1]
-        tensor, contract = self.load_version(department, version)
+                return hit
+        entry = self.load_version(department, version, with_adapter=True)
         with self._prompts_lock:
-            self._prompts[key] = (tensor, contract)
+            self._prompts[key] = entry
             self._prompts.move_to_end(key)
             while len(self._prompts) > self.max_prompts:
                 self._prompts.popitem(last=False)
-        return tensor, version, contract
+        return entry
 
     @property
     def loaded_prompts(self) -> list[tuple[str, str]]:
@@ -135,8 +145,9 @@ class Pipeline:
         with self._prompts_lock:
             return list(self._prompts)
 
-    def load_version(self, department: str, version: str) -> tuple[torch.Tensor, InputContract]:
-        """A version read from the registry and validated (checksums, shape, base model)."""
+    def load_version(self, department: str, version: str, *, with_adapter: bool = False) -> tuple:
+        """(tensor, contract) of a version read from the registry and validated (checksums, shape,
+        base model); with_adapter: (tensor, contract, query adapter or None)."""
         from ragpt.softprompts.artifact import base_model_fingerprint
 
         gen = self.generator
@@ -149,7 +160,14 @@ class Pipeline:
             log.warning("soft prompt %s %s was trained against index %r and is served from index %r: its "
                         "passages may differ from the ones it learned on", department, version, trained_on,
                         self.index.name)
-        return sp.tensor, InputContract.from_prompt_meta(sp.meta)
+        contract = InputContract.from_prompt_meta(sp.meta)
+        adapter = sp.query_adapter
+        if contract.query_adapter and adapter is None:
+            raise SoftPromptError(f"{department} {version}: its contract uses a query adapter, but it has none")
+        if adapter is not None and adapter.dim != self.index.dim:
+            raise SoftPromptError(f"{department} {version}: its query adapter has {adapter.dim} dimensions, the "
+                                  f"index's embedder {self.index.dim}")
+        return (sp.tensor, contract, adapter) if with_adapter else (sp.tensor, contract)
 
     def prefix_key(self, department: str, version: str | None, soft_prompt: torch.Tensor | None) -> Hashable | None:
         """The prefix-cache key of a row's soft prompt (registry versions are immutable, so the key

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
 
 from ragpt.errors import EmptyQuestionError, RagptError
 from ragpt.lm.template import (
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     import torch
 
     from ragpt.lm.generator import Generator
+    from ragpt.retrieval.query_adapter import QueryAdapter
     from ragpt.retrieval.search import RetrievedChunk, Retriever
     from ragpt.serving.pipeline import Pipeline
 
@@ -148,10 +151,21 @@ def passages_from_hits(hits: Sequence[RetrievedChunk]) -> list[ContextPassage]:
 
 
 def retrieve_many(retriever: Retriever, queries: Sequence[str], departments: Sequence[str], contract: InputContract,
-                  filters: Sequence[dict | None] | None = None) -> list[list[RetrievedChunk]]:
-    """Top-k for each query inside its department, with the contract's k and retrieval mode."""
+                  filters: Sequence[dict | None] | None = None,
+                  adapters: Sequence[QueryAdapter | None] | None = None) -> list[list[RetrievedChunk]]:
+    """Top-k for each query inside its department, with the contract's k and retrieval mode; a
+    query with a query adapter (one per query, or None) is searched with its mapped embedding."""
+    vectors = None
+    if contract.dense and adapters is not None and any(a is not None for a in adapters):
+        if len(adapters) != len(queries):
+            raise ValueError("one query adapter (or None) per query expected")
+        for q in queries:
+            if not isinstance(q, str) or not q.strip():
+                raise EmptyQuestionError("the question is empty")
+        vectors = retriever.embedder.encode(list(queries))
+        vectors = np.stack([v if a is None else a.apply(v[None])[0] for v, a in zip(vectors, adapters)])
     return retriever.search_many(list(queries), list(departments), contract.k, list(filters or [None] * len(queries)),
-                                 dense=contract.dense, bm25=contract.bm25, rrf_k=contract.rrf_k)
+                                 query_vectors=vectors, dense=contract.dense, bm25=contract.bm25, rrf_k=contract.rrf_k)
 
 
 def build_inputs(tokenizer, contract: InputContract, question: str, passages: Sequence[ContextPassage], *,
@@ -173,6 +187,7 @@ class _Resolved(NamedTuple):
     contract: InputContract  # the one used: the version's (or given) with the overrides applied
     overrides: dict  # the fields that differ from the version's contract
     query: str  # what to retrieve with
+    adapter: Any = None  # the version's query adapter, when its contract uses one
 
 
 def _resolve(pipeline: Pipeline, req: ChatRequest) -> _Resolved:
@@ -187,7 +202,12 @@ def _resolve(pipeline: Pipeline, req: ChatRequest) -> _Resolved:
     if req.contract is not None:
         base = req.contract
     used, diff = base.apply(req.overrides)
-    return _Resolved(soft, version, used, diff, retrieval_query(req.question, req.history, used.query_rule))
+    adapter = pipeline.query_adapter(req.department, version) if used.query_adapter else None
+    if used.query_adapter and adapter is None:
+        # A version's contract on a request that is not answered with that version (an explicit
+        # tensor, or no prompt beside a version for a paired comparison): there is no adapter to use.
+        used = replace(used, query_adapter=False)
+    return _Resolved(soft, version, used, diff, retrieval_query(req.question, req.history, used.query_rule), adapter)
 
 
 def prepare_many(pipeline: Pipeline, requests: Sequence[ChatRequest]) -> list[PreparedRequest | Exception]:
@@ -239,13 +259,13 @@ def _retrieve_groups(pipeline: Pipeline, requests: Sequence[ChatRequest], resolv
         try:
             found = retrieve_many(pipeline.retriever, [resolved[i].query for i in members],
                                   [requests[i].department for i in members], contract,
-                                  [requests[i].filters for i in members])
+                                  [requests[i].filters for i in members], [resolved[i].adapter for i in members])
             hits.update(zip(members, found))
         except Exception:  # noqa: BLE001 - find which request is at fault
             for i in members:
                 try:
                     hits[i] = retrieve_many(pipeline.retriever, [resolved[i].query], [requests[i].department],
-                                            contract, [requests[i].filters])[0]
+                                            contract, [requests[i].filters], [resolved[i].adapter])[0]
                 except Exception as e:  # noqa: BLE001
                     out[i] = e
     return hits

@@ -10,6 +10,9 @@ so an older ragpt refuses them by name instead of misreading them. On disk a pro
     meta.json            department, version, base-model fingerprint, provenance, metrics,
                          and the sha256 of prompt.safetensors
 
+    query_adapter.safetensors   optional: the department's query adapter
+                         (ragpt.retrieval.query_adapter), its sha256 in meta.json's "query_adapter"
+
 Other files (a loss curve, an eval report) may sit beside them; saving never touches them.
 `load` refuses anything it cannot vouch for: a tampered or truncated file, a shape that
 disagrees with the metadata or with the model, non-finite values, or a prompt trained for
@@ -47,6 +50,7 @@ FORMAT = "ragpt.softprompts.artifact"
 FORMAT_VERSION = ARTIFACT_FORMAT_VERSION  # the newest this code reads; plain prompts are still written as 1
 TENSOR_FILE = "prompt.safetensors"
 TENSOR_KEY = "prompt"
+ADAPTER_FILE = "query_adapter.safetensors"
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -101,6 +105,8 @@ class SoftPrompt:
 
     tensor: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    # The query adapter trained with it (ragpt.retrieval.query_adapter.QueryAdapter), or None.
+    query_adapter: Any = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -144,6 +150,7 @@ class SoftPrompt:
         author: str | None = None,
         extra: dict[str, Any] | None = None,
         contract: dict[str, Any] | None = None,
+        query_adapter: Any = None,
     ) -> SoftPrompt:
         """A new, unregistered prompt (version None). The tensor is copied to float32 CPU.
 
@@ -172,7 +179,7 @@ class SoftPrompt:
             "created": utc_now(),
             "extra": dict(extra or {}),
         }
-        return cls(tensor=t, meta=meta)
+        return cls(tensor=t, meta=meta, query_adapter=query_adapter)
 
     # ------------------------------------------------------------------ disk
     def save(self, folder: Path | str) -> Path:
@@ -186,8 +193,13 @@ class SoftPrompt:
         t = _plain_if_shallow(_check_tensor(self.tensor, "soft prompt"))
         t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
         data = st_save({TENSOR_KEY: t}, metadata={"format": "pt"})
-        meta = {k: v for k, v in self.meta.items() if k != "depth"}
+        meta = {k: v for k, v in self.meta.items() if k not in ("depth", "query_adapter")}
         meta.update(format=FORMAT, **_shape_fields(t), dtype="float32", sha256=hashlib.sha256(data).hexdigest())
+        if self.query_adapter is not None:
+            adapter = self.query_adapter.to_bytes()
+            meta["query_adapter"] = {"file": ADAPTER_FILE, "sha256": hashlib.sha256(adapter).hexdigest(),
+                                     "dim": self.query_adapter.dim}
+            atomic_write_bytes(folder / ADAPTER_FILE, adapter)
         atomic_write_bytes(folder / TENSOR_FILE, data)
         atomic_write_json(folder / META_FILE, meta)
         self.meta = meta
@@ -246,7 +258,31 @@ class SoftPrompt:
         if max_depth is not None and depth > max_depth:
             raise SoftPromptError(f"{tensor_path}: deep prompt of depth {depth}, but the model has {max_depth} layers")
         t = _check_tensor(t, str(tensor_path))
-        return cls(tensor=t.to(torch.float32).contiguous(), meta=meta)
+        return cls(tensor=t.to(torch.float32).contiguous(), meta=meta, query_adapter=_load_adapter(folder, meta))
+
+
+def _load_adapter(folder: Path, meta: dict[str, Any]) -> Any:
+    """The version's query adapter, checked against the sha256 in meta.json; None without one."""
+    info = meta.get("query_adapter")
+    if info is None:
+        return None
+    from ragpt.retrieval.query_adapter import QueryAdapter, QueryAdapterError
+
+    path = folder / ADAPTER_FILE
+    if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+        raise SoftPromptError(f"{folder / META_FILE}: field 'query_adapter' is not an object with a sha256")
+    if not path.is_file():
+        raise SoftPromptError(f"{path}: missing")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise SoftPromptError(f"{path}: sha256 mismatch with meta.json: the file was modified or truncated")
+    try:
+        adapter = QueryAdapter.from_bytes(data, str(path))
+    except QueryAdapterError as e:
+        raise SoftPromptError(str(e)) from None
+    if adapter.dim != info.get("dim"):
+        raise SoftPromptError(f"{path}: {adapter.dim} dimensions, meta.json says {info.get('dim')}")
+    return adapter
 
 
 def _read_single_tensor(data: bytes, path: Path, key: str) -> torch.Tensor:

@@ -317,7 +317,8 @@ class PromptRegistry:
             if dept_dir.is_dir():
                 taken += [_version_number(p.name) for p in dept_dir.iterdir() if p.is_dir()]
             version = f"v{max(taken, default=0) + 1}"
-            stored = SoftPrompt(tensor=prompt.tensor, meta={**prompt.meta, "version": version})
+            stored = SoftPrompt(tensor=prompt.tensor, meta={**prompt.meta, "version": version},
+                                query_adapter=prompt.query_adapter)
             # Write into a hidden temp folder and rename: a version folder appears complete.
             dept_dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=dept_dir))

@@ -142,6 +142,7 @@ def _train_and_register(settings: Settings, *, index: str, data: Path, cfg: Trai
         training_data_sha256=result.data_sha256,
         hyperparameters=result.hyperparameters,
         contract=result.contract,
+        query_adapter=result.query_adapter,
         metrics=result.metrics,
         author=actor or getpass.getuser(),
         # Hashes of the normalised training questions: eval refuses a test set that overlaps them.

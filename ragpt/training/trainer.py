@@ -49,6 +49,7 @@ from ragpt.lm.template import (
     Turn,
     training_ids,
 )
+from ragpt.retrieval.query_adapter import QueryAdapter
 from ragpt.retrieval.search import Retriever
 from ragpt.serving.contract import GOLD_CONTEXT_MODES, InputContract
 from ragpt.serving.conversation import retrieval_query
@@ -88,6 +89,9 @@ class TrainConfig:
     query_rule: str = CONTRACT_DEFAULTS["query_rule"]
     # Put the gold passage in the context: never; when retrieval missed the answer; always.
     gold_context: str = "never"
+    # Train a query adapter first (ragpt.retrieval.query_adapter) on the training questions and
+    # build every example with it; kept with the prompt only where it beats the embedder as it is.
+    query_adapter: bool = False
     max_answer_tokens: int = 64
     dev_fraction: float = TRAIN_DEFAULTS["dev_fraction"]  # of --data held out as dev (whole documents)
     dev_max: int = TRAIN_DEFAULTS["dev_max"]
@@ -153,12 +157,14 @@ class TrainConfig:
                        f"{n_train} training examples: raise --steps to use them all")
         return out
 
-    def contract(self, retriever: Retriever) -> InputContract:
-        """The input contract these settings and the retriever's mode build examples with."""
+    def contract(self, retriever: Retriever, *, query_adapter: bool = False) -> InputContract:
+        """The input contract these settings and the retriever's mode build examples with
+        (query_adapter: with a query adapter that was kept)."""
         return InputContract(k=self.k, max_context_tokens=self.max_context_tokens,
                              max_question_tokens=self.max_question_tokens, max_history_tokens=self.max_history_tokens,
                              dense=retriever.dense, bm25=retriever.bm25, rrf_k=retriever.rrf_k,
-                             query_rule=self.query_rule, gold_context=self.gold_context).check()
+                             query_rule=self.query_rule, gold_context=self.gold_context,
+                             query_adapter=query_adapter).check()
 
     def fingerprint(self) -> dict:
         """The settings that must match for a checkpoint to be resumed."""
@@ -167,6 +173,8 @@ class TrainConfig:
             d.pop(volatile)
         if d["depth"] == 1:
             del d["depth"]  # plain prompts: same fingerprint (checkpoints, run folders) as before depth existed
+        if not d["query_adapter"]:
+            del d["query_adapter"]  # likewise for runs without a query adapter
         return d
 
 
@@ -193,6 +201,7 @@ class TrainResult:
     stopped_early: bool = False
     contract: dict = field(default_factory=dict)  # the input contract the examples were built with
     extra: dict = field(default_factory=dict)
+    query_adapter: QueryAdapter | None = None  # the one the examples were retrieved with, if kept
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -270,18 +279,20 @@ def build_examples(
     cfg: TrainConfig,
     progress: bool = True,
     on_skip: Callable[[QAExample, Exception], None] | None = None,
+    adapter: QueryAdapter | None = None,
 ) -> list[TrainExample]:
     """The request path's two halves (`retrieve_many`, `build_inputs`) under the config's input
-    contract, plus the answer. An example over the question or prompt budget raises, or is handed
-    to `on_skip` and left out."""
-    contract = cfg.contract(retriever)
+    contract, plus the answer; with `adapter`, retrieval maps each question as serving will. An
+    example over the question or prompt budget raises, or is handed to `on_skip` and left out."""
+    contract = cfg.contract(retriever, query_adapter=adapter is not None)
     out: list[TrainExample] = []
     batch = 64
     for i in tqdm(range(0, len(qas), batch), desc="retrieve", disable=not progress, leave=False):
         chunk = qas[i:i + batch]
         histories = [tuple(Turn(t["role"], t["content"]) for t in q.history) for q in chunk]
         queries = [retrieval_query(q.question, h, contract.query_rule) for q, h in zip(chunk, histories)]
-        hits_list = retrieve_many(retriever, queries, [cfg.department] * len(chunk), contract)
+        hits_list = retrieve_many(retriever, queries, [cfg.department] * len(chunk), contract,
+                                  adapters=[adapter] * len(chunk) if adapter is not None else None)
         for qa, history, hits, query in zip(chunk, histories, hits_list, queries):
             passages = passages_from_hits(hits)
             hit = any(answer_in_text(qa.answers, p.text) for p in passages)
@@ -545,8 +556,12 @@ def train_prompt(
         if main and len(skipped) <= 3:
             log(f"skipping example {skipped[-1]!r}: {e}")
 
-    train = build_examples(train_qas, retriever, tokenizer, cfg, progress and main, on_skip=skip)
-    dev = build_examples(dev_qas, retriever, tokenizer, cfg, progress and main, on_skip=skip) if dev_qas else []
+    adapter, adapter_report = None, None
+    if cfg.query_adapter:  # on the training questions only: dev judges the prompt and the adapter together
+        adapter, adapter_report = fit_query_adapter(retriever, cfg, train_qas, log if main else lambda m: None)
+    train = build_examples(train_qas, retriever, tokenizer, cfg, progress and main, on_skip=skip, adapter=adapter)
+    dev = build_examples(dev_qas, retriever, tokenizer, cfg, progress and main, on_skip=skip,
+                         adapter=adapter) if dev_qas else []
     if skipped and main:
         log(f"{len(skipped)} example(s) left out: over the question or prompt budget of the input contract")
     lengths = [len(e.ids) for e in train]
@@ -712,6 +727,8 @@ def train_prompt(
         "processes": world,
         "examples_over_budget": len(skipped),
     }
+    if adapter_report is not None:
+        metrics["query_adapter"] = adapter_report
     if dev:
         metrics["dev_f1"] = round(best["f1"], 3)
         if baseline:
@@ -728,8 +745,35 @@ def train_prompt(
         hyperparameters=asdict(cfg),
         data_sha256=examples_sha256(train_qas + dev_qas),
         stopped_early=stopped_early,
-        contract=cfg.contract(retriever).to_dict(),
+        contract=cfg.contract(retriever, query_adapter=adapter is not None).to_dict(),
+        query_adapter=adapter,
     )
+
+
+def fit_query_adapter(retriever: Retriever, cfg: TrainConfig, train_qas: list[QAExample],
+                      log: Callable[[str], None]) -> tuple[QueryAdapter | None, dict]:
+    """The department's query adapter from its training questions, or None where it does not beat
+    the embedder as it is on the questions it holds out (the report says which)."""
+    from ragpt.retrieval.query_adapter import AdapterConfig, QueryAdapterError, train_query_adapter
+
+    if not retriever.dense:
+        raise RagptError("a query adapter maps the dense search's question embedding: turn the dense ranker on")
+    try:
+        adapter, rep = train_query_adapter(retriever, cfg.department, train_qas,
+                                           config=AdapterConfig(seed=cfg.seed), k=cfg.k)
+    except QueryAdapterError as e:
+        log(f"[train] no query adapter: {e}")
+        return None, {"kept": False, "reason": str(e)}
+    report = {"kept": rep.improved, "questions_with_positive": rep.with_positive, "train": rep.train,
+              "holdout": rep.holdout, f"holdout_hit@{rep.k}_without": rep.hit_at_k_identity,
+              f"holdout_hit@{rep.k}_with": rep.hit_at_k, "epoch": rep.chosen_epoch}
+    if rep.improved:
+        log(f"[train] query adapter kept: span hit@{rep.k} on {rep.holdout} held-out training questions "
+            f"{rep.hit_at_k_identity:.1f} -> {rep.hit_at_k:.1f}")
+        return adapter, report
+    log(f"[train] query adapter not kept: no better than the embedder as it is on {rep.holdout} held-out "
+        f"training questions (span hit@{rep.k} {rep.hit_at_k_identity:.1f})")
+    return None, report
 
 
 def _check_no_leak(train: list[QAExample], dev: list[QAExample]) -> None:

@@ -1,0 +1,227 @@
+"""Query adapters: does a per-department linear map on question embeddings put the answer in the passages?
+
+One adapter per department (doc2dial's four agencies, PolicyQA's `legal`, TAT-QA's `finance`),
+trained by `ragpt.retrieval.query_adapter.train_query_adapter` on the department's TRAINING
+questions only, against its chunks in the retrieval-levers index (the same questions, scopes and
+span-hit rule as benchmarks/retrieval_levers.py; run that first, it imports the data and builds the
+index). The searches are the product's own (`Retriever.search_many` with the adapted question
+vectors), hybrid as served and dense alone as a reference.
+
+Two kinds of new question, both never trained on nor used for choosing:
+
+* unseen documents: the sets' dev and test splits, whose documents no training question is about
+  (doc2dial, PolicyQA and TAT-QA split by document);
+* seen documents: a seeded 20% of each department's training questions, held out by question
+  before the adapter is trained (new questions about documents the training questions covered:
+  a deployment whose users keep asking about the same documents).
+
+Each configuration (learning rate; the held-out slice the trainer picks its epoch on, whole
+documents or single questions) is reported on every set with paired bootstrap 95% intervals
+against no adapter on the same questions.
+
+    .venv/bin/python benchmarks/query_adapter.py [--work-dir DIR] [--chunking 200/40]
+Results: benchmarks/results/query_adapter.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+from history_retrieval import _ci  # noqa: E402
+from retrieval_levers import AGENCIES, SETS, Question, _hit, _tatqa_spans, load_questions  # noqa: E402
+from retrieval_quality import _source_of  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+DEPARTMENTS = {**{d: "doc2dial" for d in AGENCIES}, "legal": "policyqa", "finance": "tatqa"}
+SPLITS = ("seen", "dev", "test")
+SEEN_FRACTION = 0.2
+# name -> (learning rate, held-out rule for choosing the epoch)
+CONFIGS = {"lr 1e-4 / epoch on held-out documents": (1e-4, "document"),
+           "lr 1e-3 / epoch on held-out documents": (1e-3, "document"),
+           "lr 1e-4 / epoch on held-out questions": (1e-4, "question"),
+           "lr 1e-3 / epoch on held-out questions": (1e-3, "question")}
+
+
+def training_questions(work: Path, data_dir: Path) -> dict[str, list]:
+    """Each department's training questions (TAT-QA: its span questions, whose answers are text)."""
+    from ragpt.data.qa import load_qa
+
+    out = {d: load_qa(work / "doc2dial" / "qa" / f"{d}.train.jsonl") for d in AGENCIES}
+    out["legal"] = load_qa(work / "policyqa" / "qa" / "legal.train.jsonl")
+    spans = _tatqa_spans(data_dir)
+    out["finance"] = [q for q in load_qa(work / "tatqa" / "qa" / "finance.train.jsonl")
+                      if spans.get(q.id, ("", []))[0] == "span"]
+    return out
+
+
+def hits(retriever, qs: list[Question], vectors, k: int, dense_only: bool) -> list[float]:
+    found = retriever.search_many([q.question for q in qs], [q.department for q in qs], k, [q.filters for q in qs],
+                                  query_vectors=vectors, **({"dense": True, "bm25": False} if dense_only else {}))
+    return [_hit(q, [h.chunk.text for h in f]) for q, f in zip(qs, found)]
+
+
+def main() -> None:
+    import numpy as np
+    import torch
+
+    from ragpt.config import load_settings
+    from ragpt.evaluation.metrics import bootstrap_ci, paired_difference_ci
+    from ragpt.lm.models import load_embedder
+    from ragpt.retrieval.index import DocumentIndex
+    from ragpt.retrieval.query_adapter import AdapterConfig, QueryAdapter, split_by_question, train_query_adapter
+    from ragpt.retrieval.search import Retriever
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work-dir", type=Path, default=None, help="default: <settings.cache_dir>/retrieval-levers")
+    ap.add_argument("--chunking", default="200/40", help="which retrieval-levers index (its folder name with - for /)")
+    ap.add_argument("--policyqa-test", type=int, default=1000)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS to run")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--departments", default=",".join(DEPARTMENTS))
+    ap.add_argument("--out", default="query_adapter")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = load_settings()
+    work = Path(args.work_dir or Path(settings.cache_dir) / "retrieval-levers")
+    data_dir = Path(settings.data_dir)
+    depts = [d.strip() for d in args.departments.split(",") if d.strip()]
+    sets = [s for s in SETS if any(DEPARTMENTS[d] == s for d in depts)]
+    t0 = time.perf_counter()
+
+    questions, _ = load_questions(work, data_dir, args.policyqa_test)
+    train = training_questions(work, data_dir)
+    fit: dict[str, list] = {}
+    questions["seen"] = []
+    for d in depts:  # the seen-document questions: out of the adapter's training data from the start
+        fit[d], held = split_by_question(train[d], SEEN_FRACTION, seed=1)
+        questions["seen"] += [Question(DEPARTMENTS[d], "seen", d, q.question, q.answers, q.doc_id) for q in held]
+    index = DocumentIndex.open(work / "index" / args.chunking.replace("/", "-").replace(" ", "-"), "levers")
+    emb = load_embedder(settings)
+    retriever = Retriever(index, emb, dense=True, bm25=True, rrf_k=60)
+    retriever.prepare()
+    evalq = {sp: [q for q in questions[sp] if q.department in depts] for sp in SPLITS}
+    for sp in SPLITS:
+        for q in evalq[sp]:
+            q.filters = {"source": _source_of(index, q.doc_id)} if q.set == "policyqa" else None
+    qvec = {sp: np.asarray(emb.encode([q.question for q in evalq[sp]], batch_size=64), np.float32) for sp in SPLITS}
+    print(f"{sum(len(v) for v in evalq.values())} dev/test questions, {time.perf_counter() - t0:.0f}s", flush=True)
+
+    def score(adapters: dict[str, QueryAdapter] | None) -> dict:
+        """split -> set or agency -> {"hybrid": [...], "dense": [...]}, per question."""
+        out: dict = {}
+        for sp in SPLITS:
+            vec = qvec[sp].copy()
+            if adapters:
+                for d, ad in adapters.items():
+                    rows = [i for i, q in enumerate(evalq[sp]) if q.department == d]
+                    if rows:
+                        vec[rows] = ad.apply(vec[rows])
+            hy = hits(retriever, evalq[sp], vec, args.k, False)
+            de = hits(retriever, evalq[sp], vec, args.k, True)
+            cell = {}
+            for key, sel in [(s, lambda q, s=s: q.set == s) for s in sets] + \
+                            [(f"doc2dial:{d}", lambda q, d=d: q.department == d) for d in depts if d in AGENCIES]:
+                idx = [i for i, q in enumerate(evalq[sp]) if sel(q)]
+                cell[key] = {"hybrid": [hy[i] for i in idx], "dense": [de[i] for i in idx]}
+            out[sp] = cell
+        return out
+
+    runs: dict[str, dict] = {"none": {"scores": score(None), "reports": {}}}
+    for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        lr, holdout = CONFIGS[name]
+        cfg = AdapterConfig(epochs=args.epochs, lr=lr, holdout=holdout)
+        adapters, reports = {}, {}
+        for d in depts:
+            t = time.perf_counter()
+            qs = fit[d]
+            filters = None
+            if DEPARTMENTS[d] == "policyqa":  # searched within its own policy, as at test
+                filters = [{"source": _source_of(index, q.doc_id)} for q in qs]
+            ad, rep = train_query_adapter(retriever, d, qs, config=cfg, k=args.k, filters=filters)
+            adapters[d] = ad
+            reports[d] = {**rep.__dict__, "seconds": round(time.perf_counter() - t, 1)}
+            print(f"{name}: {d}: {rep.with_positive}/{rep.questions} with a positive, held-out "
+                  f"hit@{args.k} {rep.hit_at_k_identity:.1f} -> {rep.hit_at_k:.1f} (epoch {rep.chosen_epoch}), "
+                  f"{reports[d]['seconds']}s", flush=True)
+        runs[name] = {"scores": score(adapters), "reports": reports, "lr": lr, "holdout": holdout}
+
+    base = runs["none"]["scores"]
+    table = []
+    for name, run in runs.items():
+        row = {"setting": name}
+        for sp in SPLITS:
+            for key, vals in run["scores"][sp].items():
+                for ranker in ("hybrid", "dense"):
+                    c = {"mean": bootstrap_ci(vals[ranker]).scaled(100).to_dict(), "n": len(vals[ranker])}
+                    if name != "none":
+                        c["diff"] = paired_difference_ci(vals[ranker], base[sp][key][ranker]).scaled(100).to_dict()
+                    row[f"{sp}/{key}/{ranker}"] = c
+        table.append(row)
+    res = {"config": {"chunking": args.chunking, "k": args.k, "epochs": args.epochs, "embedder": emb.name,
+                      "policyqa_test": args.policyqa_test, "departments": depts, "seen_fraction": SEEN_FRACTION,
+                      "n": {sp: len(evalq[sp]) for sp in SPLITS}},
+           "rows": table,
+           "reports": {n: r["reports"] for n, r in runs.items()},
+           "seconds": round(time.perf_counter() - t0, 1)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(markdown(res, sets, depts, " ".join(sys.argv[1:])))
+    print((RESULTS / f"{args.out}.md").read_text())
+
+
+SPLIT_TITLES = {"seen": "new questions about documents seen in training (20% of each department's training "
+                         "questions, held out by question)",
+                "test": "test: documents no training question is about", "dev": "dev: documents no training "
+                                                                                "question is about"}
+
+
+def markdown(res: dict, sets: list[str], depts: list[str], argv: str) -> str:
+    keys = sets + [f"doc2dial:{d}" for d in depts if d in AGENCIES]
+    n = res["config"]["n"]
+    lines = ["# Query adapters: span hit@2 with a per-department linear map on question embeddings", "",
+             f"Index: the retrieval-levers index {res['config']['chunking']} (six departments); k "
+             f"{res['config']['k']}; scopes and span-hit rule as in retrieval_levers.md. One adapter per department "
+             "and configuration, trained on the department's training questions less the seen-document set. "
+             "Cells: span hit@2 (difference to no adapter on the same questions, paired bootstrap 95%; "
+             "* : excludes 0). Questions: " + ", ".join(f"{sp} {n[sp]}" for sp in SPLITS) + ".", ""]
+    for sp in SPLITS:
+        for ranker in ("hybrid", "dense"):
+            if ranker == "dense" and sp == "dev":
+                continue
+            lines += [f"## {SPLIT_TITLES[sp]}; {'hybrid, as served' if ranker == 'hybrid' else 'dense ranker alone'}",
+                      "", "| setting | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+            for r in res["rows"]:
+                cells = []
+                for k in keys:
+                    c = r.get(f"{sp}/{k}/{ranker}")
+                    cells.append("-" if c is None else f"{c['mean']['mean']:.1f}"
+                                 + (f" ({_ci(c['diff'], True)})" if "diff" in c else "") + f" n={c['n']}"
+                                 if r["setting"] == "none" else "-" if c is None else f"{c['mean']['mean']:.1f}"
+                                 + (f" ({_ci(c['diff'], True)})" if "diff" in c else ""))
+                lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## Training (the trainer's own held-out slice, hybrid span hit@2)", "",
+              "| setting | department | questions with a positive | train / held out | identity -> adapter "
+              "| epoch kept | held-out hit per 5 epochs | seconds |", "|---" * 8 + "|"]
+    for name, reps in res["reports"].items():
+        for d, rep in reps.items():
+            curve = " ".join(f"{c['holdout_hit']:.0f}" for c in rep["curve"])
+            lines.append(f"| {name} | {d} | {rep['with_positive']}/{rep['questions']} | {rep['train']} / "
+                         f"{rep['holdout']} | {rep['hit_at_k_identity']:.1f} -> {rep['hit_at_k']:.1f} | "
+                         f"{rep['chosen_epoch']} | {curve} | {rep['seconds']} |")
+    lines += ["", f"Run time {res['seconds']:.0f}s. Command: `.venv/bin/python benchmarks/query_adapter.py"
+              + (f" {argv}" if argv else "") + "`"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

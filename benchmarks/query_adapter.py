@@ -17,7 +17,11 @@ Two kinds of new question, both never trained on nor used for choosing:
 
 Each configuration (learning rate; the held-out slice the trainer picks its epoch on, whole
 documents or single questions) is reported on every set with paired bootstrap 95% intervals
-against no adapter on the same questions.
+against no adapter on the same questions. One configuration is chosen on DEV (macro mean of the
+three sets' hybrid span hit@2); for it, `--f1` also answers doc2dial's seen-document and test
+questions without a soft prompt, through the request path's parts (retrieve_many with the
+adapters, build_inputs under the default input contract, generate_answers), and reports
+token-F1 with and without the adapter.
 
     .venv/bin/python benchmarks/query_adapter.py [--work-dir DIR] [--chunking 200/40]
 Results: benchmarks/results/query_adapter.{json,md}
@@ -87,6 +91,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--departments", default=",".join(DEPARTMENTS))
+    ap.add_argument("--f1", action="store_true", help="token-F1 without a prompt on doc2dial, dev-chosen config")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out", default="query_adapter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,12 +158,19 @@ def main() -> None:
             print(f"{name}: {d}: {rep.with_positive}/{rep.questions} with a positive, held-out "
                   f"hit@{args.k} {rep.hit_at_k_identity:.1f} -> {rep.hit_at_k:.1f} (epoch {rep.chosen_epoch}), "
                   f"{reports[d]['seconds']}s", flush=True)
-        runs[name] = {"scores": score(adapters), "reports": reports, "lr": lr, "holdout": holdout}
+        runs[name] = {"scores": score(adapters), "reports": reports, "lr": lr, "holdout": holdout,
+                      "adapters": adapters}
+
+    def dev_macro(name: str) -> float:
+        return float(np.mean([np.mean(runs[name]["scores"]["dev"][s]["hybrid"]) for s in sets]))
+
+    chosen = max([n for n in runs if n != "none"], key=dev_macro)
+    f1 = answer_f1(settings, retriever, evalq, qvec, runs[chosen]["adapters"], args) if args.f1 else None
 
     base = runs["none"]["scores"]
     table = []
     for name, run in runs.items():
-        row = {"setting": name}
+        row = {"setting": name, "dev_macro": round(100 * dev_macro(name), 2), "chosen_on_dev": name == chosen}
         for sp in SPLITS:
             for key, vals in run["scores"][sp].items():
                 for ranker in ("hybrid", "dense"):
@@ -169,7 +182,7 @@ def main() -> None:
     res = {"config": {"chunking": args.chunking, "k": args.k, "epochs": args.epochs, "embedder": emb.name,
                       "policyqa_test": args.policyqa_test, "departments": depts, "seen_fraction": SEEN_FRACTION,
                       "n": {sp: len(evalq[sp]) for sp in SPLITS}},
-           "rows": table,
+           "rows": table, "chosen_on_dev": chosen, "f1": f1,
            "reports": {n: r["reports"] for n, r in runs.items()},
            "seconds": round(time.perf_counter() - t0, 1)}
     RESULTS.mkdir(exist_ok=True)
@@ -184,6 +197,48 @@ SPLIT_TITLES = {"seen": "new questions about documents seen in training (20% of 
                                                                                 "question is about"}
 
 
+def answer_f1(settings, retriever, evalq, qvec, adapters, args) -> dict:
+    """doc2dial token-F1 without a soft prompt, passages found with and without the adapters."""
+    import numpy as np
+
+    from ragpt.evaluation.metrics import best_over, paired_difference_ci, token_f1
+    from ragpt.lm.generator import load_generator
+    from ragpt.serving.contract import InputContract
+    from ragpt.serving.request import ChatRequest, PreparedRequest, build_inputs, generate_answers, passages_from_hits
+
+    gen = load_generator(settings)
+    contract = InputContract.from_settings(settings)
+    out: dict = {"contract": contract.to_dict(), "max_new_tokens": args.max_new_tokens}
+    for sp in ("seen", "test"):
+        idx = [i for i, q in enumerate(evalq[sp]) if q.set == "doc2dial"]
+        qs = [evalq[sp][i] for i in idx]
+        scores = {}
+        for label, use in (("without", False), ("with", True)):
+            vec = qvec[sp][idx].copy()
+            if use:
+                for j, q in enumerate(qs):
+                    vec[j] = adapters[q.department].apply(vec[j][None])[0]
+            found = retriever.search_many([q.question for q in qs], [q.department for q in qs], contract.k,
+                                          query_vectors=vec)
+            rows = []
+            for q, hits in zip(qs, found):
+                built = build_inputs(gen.tokenizer, contract, q.question, passages_from_hits(hits),
+                                     department=q.department)
+                rows.append(PreparedRequest(request=ChatRequest(q.question, q.department), department=q.department,
+                                            prompt_version=None, soft_prompt=None, prefix_key=None, contract=contract,
+                                            overrides={}, query=q.question, hits=hits, built=built,
+                                            max_new_tokens=args.max_new_tokens, temperature=0.0))
+            texts = []
+            for b in range(0, len(rows), 8):
+                texts += [a.text for a in generate_answers(gen, rows[b:b + 8])]
+            scores[label] = [best_over(token_f1, t, q.answers) for t, q in zip(texts, qs)]
+            print(f"f1 {sp} {label} adapter: {100 * np.mean(scores[label]):.1f} (n={len(qs)})", flush=True)
+        out[sp] = {"n": len(qs), "without": round(100 * float(np.mean(scores["without"])), 2),
+                   "with": round(100 * float(np.mean(scores["with"])), 2),
+                   "diff": paired_difference_ci(scores["with"], scores["without"]).scaled(100).to_dict()}
+    return out
+
+
 def markdown(res: dict, sets: list[str], depts: list[str], argv: str) -> str:
     keys = sets + [f"doc2dial:{d}" for d in depts if d in AGENCIES]
     n = res["config"]["n"]
@@ -192,7 +247,8 @@ def markdown(res: dict, sets: list[str], depts: list[str], argv: str) -> str:
              f"{res['config']['k']}; scopes and span-hit rule as in retrieval_levers.md. One adapter per department "
              "and configuration, trained on the department's training questions less the seen-document set. "
              "Cells: span hit@2 (difference to no adapter on the same questions, paired bootstrap 95%; "
-             "* : excludes 0). Questions: " + ", ".join(f"{sp} {n[sp]}" for sp in SPLITS) + ".", ""]
+             "* : excludes 0). **Bold**: the configuration chosen on dev (macro hybrid span hit@2). "
+             "Questions: " + ", ".join(f"{sp} {n[sp]}" for sp in SPLITS) + ".", ""]
     for sp in SPLITS:
         for ranker in ("hybrid", "dense"):
             if ranker == "dense" and sp == "dev":
@@ -200,6 +256,7 @@ def markdown(res: dict, sets: list[str], depts: list[str], argv: str) -> str:
             lines += [f"## {SPLIT_TITLES[sp]}; {'hybrid, as served' if ranker == 'hybrid' else 'dense ranker alone'}",
                       "", "| setting | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
             for r in res["rows"]:
+                b = "**" if r.get("chosen_on_dev") else ""
                 cells = []
                 for k in keys:
                     c = r.get(f"{sp}/{k}/{ranker}")
@@ -207,8 +264,16 @@ def markdown(res: dict, sets: list[str], depts: list[str], argv: str) -> str:
                                  + (f" ({_ci(c['diff'], True)})" if "diff" in c else "") + f" n={c['n']}"
                                  if r["setting"] == "none" else "-" if c is None else f"{c['mean']['mean']:.1f}"
                                  + (f" ({_ci(c['diff'], True)})" if "diff" in c else ""))
-                lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+                lines.append(f"| {b}{r['setting']}{b} | " + " | ".join(cells) + " |")
             lines.append("")
+    if res.get("f1"):
+        f = res["f1"]
+        lines += [f"## doc2dial token-F1 without a soft prompt ({res['chosen_on_dev']}, the dev choice)", "",
+                  "| questions | n | without adapter | with adapter | difference |", "|---|---|---|---|---|"]
+        for sp in ("seen", "test"):
+            lines.append(f"| {SPLIT_TITLES[sp]} | {f[sp]['n']} | {f[sp]['without']:.1f} | {f[sp]['with']:.1f} "
+                         f"| {_ci(f[sp]['diff'], True)} |")
+        lines.append("")
     lines += ["## Training (the trainer's own held-out slice, hybrid span hit@2)", "",
               "| setting | department | questions with a positive | train / held out | identity -> adapter "
               "| epoch kept | held-out hit per 5 epochs | seconds |", "|---" * 8 + "|"]

@@ -20,7 +20,8 @@ from ragpt_service.errors import ApiError, clip, quote
 
 CONTRACT_FIELD = Field(None, description="ragpt extension: input-contract fields to override for this request "
                                          "(k, max_context_tokens, max_question_tokens, max_history_tokens, dense, "
-                                         "bm25, rrf_k, query_rule); the answer lists what differs from the "
+                                         "bm25, rrf_k, query_rule, query_adapter: false); the answer lists what "
+                                         "differs from the "
                                          "prompt version's contract.")
 
 

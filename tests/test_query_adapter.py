@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ragpt.data.qa import QAExample
+from ragpt.errors import RagptError
 from ragpt.retrieval.query_adapter import (
     AdapterConfig,
     QueryAdapter,
@@ -228,10 +229,20 @@ def test_the_request_path_searches_with_the_versions_adapter(served):
         assert off.overrides == {"query_adapter": {"contract": True, "used": False}}
         changed += [h.chunk.id for h in off.hits] != [h.chunk.id for h in p.hits]
     assert changed, "a rotation changes what the dense ranker finds for some question"
-    # No prompt beside the version's contract (a paired comparison): there is no adapter to use.
-    none = prepare(pipe, ChatRequest(sample_questions("hr")[0].question, "hr", prompt="none",
-                                     contract=pipe.resolve("hr", v)[2]))
+    # No prompt beside the version's contract (a paired comparison): the version's adapter when named...
+    q0 = sample_questions("hr")[0].question
+    contract = pipe.resolve("hr", v)[2]
+    paired = prepare(pipe, ChatRequest(q0, "hr", prompt="none", contract=contract, query_adapter_of=v))
+    assert paired.contract.query_adapter and paired.soft_prompt is None
+    served_hits = prepare(pipe, ChatRequest(q0, "hr", prompt=v)).hits
+    assert [h.chunk.id for h in paired.hits] == [h.chunk.id for h in served_hits]
+    # ...and without one to take it from, searched without it, which the answer's overrides say.
+    none = prepare(pipe, ChatRequest(q0, "hr", prompt="none", contract=contract))
     assert not none.contract.query_adapter
+    assert none.overrides == {"query_adapter": {"contract": True, "used": False}}
+    # Turning the dense ranker off turns the adapter off with it.
+    bm25 = prepare(pipe, ChatRequest(q0, "hr", prompt=v, overrides={"dense": False}))
+    assert not bm25.contract.query_adapter and not bm25.contract.dense
 
 
 @pytest.mark.integration
@@ -256,14 +267,85 @@ def test_training_examples_retrieve_what_the_version_is_served_with(served):
 
 
 @pytest.mark.integration
-def test_train_prompt_with_a_query_adapter_records_it_in_the_contract(hr, tiny_model, tiny_tokenizer):
+def test_train_prompt_retrieves_its_examples_with_the_adapter_it_keeps(hr, tiny_model, tiny_tokenizer,
+                                                                     monkeypatch):
+    import ragpt.training.trainer as trainer
+    from ragpt.serving.contract import InputContract
+    from ragpt.serving.request import retrieve_many
     from ragpt.training.trainer import TrainConfig, train_prompt
 
-    qas = _hr_questions(hr) * 2  # enough rows for a batch; the adapter is what this test is about
+    qas = _hr_questions(hr)
+    seen: dict = {}
+    real_build = trainer.build_examples
+
+    def build(qs, retriever, tok, cfg, progress=True, on_skip=None, adapter=None):
+        out = real_build(qs, retriever, tok, cfg, progress, on_skip, adapter=adapter)
+        seen["adapter"], seen["examples"] = adapter, out
+        return out
+
+    monkeypatch.setattr(trainer, "build_examples", build)
     cfg = TrainConfig(department="hr", depth=1, steps=1, batch_size=4, k=2, max_context_tokens=512, dev_fraction=0.0,
                       eval_every=0, query_adapter=True)
     result = train_prompt(tiny_model, tiny_tokenizer, hr, qas, cfg, progress=False, log=lambda m: None)
     report = result.metrics["query_adapter"]
-    assert report["questions_with_positive"] > 0 and report["holdout"] > 0
-    assert report["kept"] == (result.query_adapter is not None)
-    assert result.contract.get("query_adapter", False) == report["kept"]
+    assert report["questions_with_positive"] == len(qas) and report["holdout"] > 0
+    assert seen["adapter"] is result.query_adapter
+    assert result.contract.get("query_adapter", False) == (result.query_adapter is not None) == report["kept"]
+    if result.query_adapter is not None:  # the examples were searched as the version will be served
+        contract = InputContract.from_dict(result.contract)
+        for ex in seen["examples"][:5]:
+            want = retrieve_many(hr, [ex.query], ["hr"], contract, adapters=[result.query_adapter])[0]
+            assert [h.chunk.id for h in ex.hits] == [h.chunk.id for h in want]
+
+
+@pytest.mark.integration
+def test_one_document_leaves_nothing_to_train_on_and_says_so(hr):
+    qas = [q for q in _hr_questions(hr)]
+    for q in qas:
+        q.doc_id = "one.md"  # every question about one document: holding out documents holds out all
+    with pytest.raises(QueryAdapterError, match="left to train on"):
+        train_query_adapter(hr, "hr", qas * 3, config=AdapterConfig(holdout="document"))
+
+
+def test_copies_of_a_question_stay_on_one_side_of_the_split():
+    from ragpt.retrieval.query_adapter import split_by_question
+
+    qs = [QAExample(f"Question {i}?", ["a"], doc_id=f"d{i % 3}") for i in range(20)]
+    train, held = split_by_question(qs + qs, 0.3, seed=0)
+    assert held and not {id(q) for q in train} & {id(q) for q in held}
+    assert len(train) + len(held) == 40
+
+
+def test_a_contract_that_names_a_missing_adapter_is_refused(tmp_path, tiny_model):
+    from ragpt.errors import SoftPromptError
+
+    with pytest.raises(SoftPromptError, match="has none"):
+        _prompt_with_adapter(tiny_model, None, {"query_adapter": True}).save(tmp_path / "v")
+
+
+@pytest.mark.integration
+def test_eval_searches_with_the_versions_adapter_and_refuses_two_different_ones(served):
+    from ragpt.data.sample import sample_questions
+    from ragpt.evaluation.runner import EvalConfig, Method, department_adapter, input_mismatch, prepare
+    from ragpt.serving.request import ChatRequest
+    from ragpt.serving.request import prepare as prepare_request
+
+    pipe, v, adapter = served
+    contract = pipe.resolve("hr", v)[2]
+    qas = [QAExample(q.question, q.answers, doc_id=q.source, department="hr") for q in sample_questions("hr")[:4]]
+    cfg = EvalConfig(k=contract.k, max_context_tokens=contract.max_context_tokens)
+    rows = prepare(pipe.retriever, pipe.generator.tokenizer, qas, "hr", cfg, False, contract, adapter)
+    for qa, row in zip(qas, rows):
+        served_hits = prepare_request(pipe, ChatRequest(qa.question, "hr", prompt=v)).hits
+        assert [h.chunk.id for h in row.example.hits] == [h.chunk.id for h in served_hits]
+
+    def soft(name, ad, c):
+        return Method(name, "soft", None, details={"contract": c.to_dict()}, query_adapter=ad)
+
+    plain_contract = contract.apply({"query_adapter": False})[0]
+    assert department_adapter([soft("v2", adapter, contract), soft("v1", None, plain_contract)], contract,
+                              "hr") is adapter
+    assert "query_adapter True (evaluated with False)" in input_mismatch(soft("v2", adapter, contract), plain_contract)
+    with pytest.raises(RagptError, match="different query adapters"):
+        department_adapter([soft("v2", adapter, contract), soft("v3", _rotation(adapter.dim, 5), contract)],
+                           contract, "hr")

@@ -91,13 +91,14 @@ def run_demo(settings: Settings, *, index: str = "sample", limit: int | None = N
 def compare_with_and_without(pipe: Pipeline, dept: str, questions: list[tuple[str, list[str]]],
                              version: str | None) -> list[tuple]:
     """(answer with the version, answer without a prompt) per question, in batches; without a
-    version, (None, answer). The no-prompt answers use the version's input contract, so the two
-    differ only by the soft prompt."""
+    version, (None, answer). The no-prompt answers use the version's input contract (and its query
+    adapter, if it has one), so the two differ only by the soft prompt."""
     contract = pipe.resolve(dept, version)[2] if version else None
     rows: list[tuple] = []
     for i in range(0, len(questions), BATCH):
         part = questions[i:i + BATCH]
-        plain = pipe.ask_many([ChatRequest(q, dept, prompt="none", contract=contract) for q, _ in part])
+        plain = pipe.ask_many([ChatRequest(q, dept, prompt="none", contract=contract, query_adapter_of=version)
+                               for q, _ in part])
         tuned = [None] * len(part)
         if version:
             tuned = pipe.ask_many([ChatRequest(q, dept, prompt=version) for q, _ in part])

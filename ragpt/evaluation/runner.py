@@ -240,6 +240,7 @@ def soft_method(registry: PromptRegistry, department: str, name: str, version: s
                                 if k in hp},
             "training_metrics": sp.meta.get("metrics") or {},
             "contract": InputContract.from_prompt_meta(sp.meta).to_dict(),
+            **({"query_adapter_sha256": sp.query_adapter.sha256()} if sp.query_adapter is not None else {}),
         },
         loss_curve=_read_loss_curve(folder / "loss_curve.json"),
         training_keys=set(keys) if isinstance(keys, list) else None,
@@ -472,11 +473,28 @@ def input_mismatch(method: Method, used: InputContract) -> str | None:
     own = method.details.get("contract")
     if not own:
         return None
-    _, diff = InputContract.from_dict(own).apply({f: getattr(used, f) for f in OVERRIDABLE})
+    mine = InputContract.from_dict(own)
+    diff = {f: {"contract": getattr(mine, f), "used": getattr(used, f)} for f in OVERRIDABLE
+            if getattr(mine, f) != getattr(used, f)}
     if not diff:
         return None
     shown = ", ".join(f"{f} {d['contract']} (evaluated with {d['used']})" for f, d in diff.items())
     return f"{method.name} was trained with {shown}"
+
+
+def department_adapter(plan: Sequence[Method], contract: InputContract, department: str):
+    """The query adapter a department's questions are searched with: that of the first soft method
+    (whose contract the evaluation uses), when the contract uses one. Every method is scored on the
+    same passages, so soft methods with different adapters cannot share one evaluation."""
+    if not contract.query_adapter:
+        return None
+    soft = [m for m in plan if m.kind == "soft" and m.details.get("contract")]
+    with_adapter = {m.query_adapter.sha256(): m.name for m in soft if m.query_adapter is not None}
+    if len(with_adapter) > 1:
+        raise RagptError(f"{department}: {', '.join(sorted(with_adapter.values()))} search with different query "
+                         "adapters, and every method of an evaluation is scored on the same passages; evaluate "
+                         "them in separate runs")
+    return soft[0].query_adapter if soft else None
 
 
 def department_contract(plan: Sequence[Method], default: InputContract, cfg: EvalConfig,
@@ -595,8 +613,7 @@ def run_evaluation(
         d_retriever = retriever if (retriever.dense, retriever.bm25, retriever.rrf_k) == (
             contract.dense, contract.bm25, contract.rrf_k) else Retriever(
             retriever.index, retriever.embedder, dense=contract.dense, bm25=contract.bm25, rrf_k=contract.rrf_k)
-        adapter = next((m.query_adapter for m in plans[d] if m.kind == "soft" and m.details.get("contract")), None) \
-            if contract.query_adapter else None
+        adapter = department_adapter(plans[d], contract, d)
         prepared = prepare(d_retriever, generator.tokenizer, qas, d, dcfg, progress, contract, adapter)
         all_prepared += prepared
         dept: dict = {"n": len(qas), "examples_sha256": examples_sha256(qas), "contract": contract.to_dict(),
@@ -606,7 +623,7 @@ def run_evaluation(
         for m in plans[d]:
             if m.kind == "lora":
                 _train_lora_method(m, base_model, generator, d_retriever, trains[d], d, dcfg, contract, lora,
-                                   lora_dir, bf16_inference, progress)
+                                   lora_dir, bf16_inference, progress, adapter)
             rows = score_method(m, prepared, d, dcfg, progress, contract)
             if m.kind == "lora":
                 m.generator = None  # free the merged copy before the next department
@@ -674,13 +691,13 @@ def _refuse_leaks(hygiene: dict, allow_overlap: bool) -> list[tuple[str, str, di
 def _train_lora_method(m: Method, base_model, generator: Generator, retriever: Retriever,
                        train_qas: list[QAExample], department: str, cfg: EvalConfig, contract: InputContract,
                        lora: LoraSettings | None,
-                       lora_dir: Path | None, bf16_inference: bool, progress: bool) -> None:
+                       lora_dir: Path | None, bf16_inference: bool, progress: bool, adapter=None) -> None:
     """Train the LoRA reference on the department's training data, built as the eval's inputs are."""
     from ragpt.training.lora import train_lora
 
     settings = lora or LoraSettings(seed=cfg.seed)
     examples = build_examples(train_qas, retriever, generator.tokenizer, cfg.train_config(department, contract),
-                              progress)
+                              progress, adapter=adapter)
     res = train_lora(base_model, examples, settings, out_dir=(lora_dir / department) if lora_dir else None,
                      progress=progress)
     m.generator = Generator(res.model, generator.tokenizer, bf16=bf16_inference)

@@ -10,9 +10,13 @@ index: a question's positive is the chunk that contains its answer (in its gold 
 names one; the one nearest the question when several do); its negatives are the other questions'
 positives in the batch and hard negatives, the department's best BM25 and dense chunks that do
 not contain the answer. The loss is InfoNCE over those, plus a pull of W towards the identity. A
-held-out slice of the training questions (whole documents) picks the epoch by the span hit rate
-of the product's own hybrid search, and the identity is always a candidate: an adapter that does
-not beat the embedder as it is comes back as the identity, with that said in the report.
+held-out slice of the training questions picks the epoch by the span hit rate of the product's
+own hybrid search, and the identity is always a candidate: an adapter that does not beat the
+embedder as it is comes back as the identity, with that said in the report.
+
+What it is good for (benchmarks/query_adapter.py): new questions about the documents the
+training questions were about find their answer more often; on documents no training question
+touched it helps a little or not at all, and a faster learning rate makes it hurt there.
 
 On disk an adapter is one safetensors tensor ("weight") with its sha256 recorded by whoever
 stores it (ragpt.softprompts keeps it beside a prompt version).
@@ -99,14 +103,14 @@ class QueryAdapter:
 class AdapterConfig:
     epochs: int = 40
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 1e-4  # chosen on dev in benchmarks/query_adapter.py, with holdout "question"
     temperature: float = 0.05  # MiniLM's cosines spread over about 0.2-0.8
     identity_weight: float = 1.0  # the pull of W towards I: squared Frobenius distance, times this
     hard_negatives: int = 8  # per question: half from BM25, half from the dense ranker
     holdout_fraction: float = 0.15  # of the training questions, for choosing the epoch
     # "document": whole documents held out (the adapter must carry over to documents no training
     # question asked about); "question": questions held out, their documents seen in training.
-    holdout: str = "document"
+    holdout: str = "question"
     eval_every: int = 5  # epochs
     seed: int = 0
 
@@ -117,8 +121,8 @@ class AdapterReport:
     with_positive: int  # of them, those whose answer is in one of the department's chunks
     train: int
     holdout: int
-    hit_at_k_identity: float  # span hit@k of the held-out questions with the embedder as it is
-    hit_at_k: float  # with the adapter kept
+    hit_at_k_identity: float | None  # span hit@k of the held-out questions with the embedder as it is
+    hit_at_k: float | None  # with the adapter kept (None: nothing was held out)
     chosen_epoch: int  # 0: the identity was kept
     k: int = 2
     curve: list[dict] = field(default_factory=list)
@@ -129,11 +133,35 @@ class AdapterReport:
 
 
 def split_by_question(examples: Sequence[QAExample], fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded share of the questions held out, whatever their documents."""
-    order = list(examples)
-    random.Random(seed).shuffle(order)
-    n = round(fraction * len(order))
-    return order[n:], order[:n]
+    """A seeded share of the questions held out, whatever their documents; copies of one question
+    (the same words about the same document) stay on one side."""
+    train, held = _question_split(list(examples), fraction, seed)
+    return [examples[i] for i in train], [examples[i] for i in held]
+
+
+def _question_split(examples: list[QAExample], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, q in enumerate(examples):
+        groups.setdefault((normalize_answer(q.question), q.doc_id), []).append(i)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    want = round(fraction * len(examples))
+    held: list[int] = []
+    for key in keys:
+        if len(held) >= want:
+            break
+        held += groups[key]
+    chosen = set(held)
+    return [i for i in range(len(examples)) if i not in chosen], sorted(held)
+
+
+def _document_split(examples: list[QAExample], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """split_by_document, as positions (an example object may occur more than once)."""
+    slots: dict[int, list[int]] = {}
+    for i, q in enumerate(examples):
+        slots.setdefault(id(q), []).append(i)
+    train, held = split_by_document(examples, fraction, seed)
+    return sorted(slots[id(q)].pop() for q in train), sorted(slots[id(q)].pop() for q in held)
 
 
 def _contains(answers: Sequence[str], text_norm: str) -> bool:
@@ -162,22 +190,25 @@ def positives(index, department: str, qas: Sequence[QAExample], question_vectors
 
 
 def span_hit_rate(retriever, department: str, qas: Sequence[QAExample], vectors: np.ndarray, k: int,
-                  filters: Sequence[dict | None] | None = None) -> tuple[float, list[float]]:
-    """The share of questions with an answer in the first k passages of the hybrid search, and each one's hit."""
+                  filters: Sequence[dict | None] | None = None,
+                  queries: Sequence[str] | None = None) -> tuple[float, list[float]]:
+    """The share of questions with an answer in the first k passages of the hybrid search, and each
+    one's hit; `queries` are what is searched with (default: the questions)."""
     if not qas:
         return 0.0, []
-    found = retriever.search_many([q.question for q in qas], [department] * len(qas), k,
+    found = retriever.search_many(list(queries) if queries is not None else [q.question for q in qas],
+                                  [department] * len(qas), k,
                                   list(filters) if filters else None, query_vectors=vectors)
     hits = [float(any(_contains([normalize_answer(a) for a in q.answers], normalize_answer(h.chunk.text))
                       for h in f)) for q, f in zip(qas, found)]
     return float(np.mean(hits)), hits
 
 
-def _hard_negatives(retriever, department: str, qas: Sequence[QAExample], vectors: np.ndarray,
+def _hard_negatives(retriever, department: str, queries: Sequence[str], vectors: np.ndarray,
                     holding: list[set[int]], n: int, filters) -> list[list[int]]:
     """Per question, the first n//2 BM25 and n - n//2 dense chunks of the department without its answer."""
     depth = 4 * n + 10
-    qs, ds = [q.question for q in qas], [department] * len(qas)
+    qs, ds = list(queries), [department] * len(queries)
     fl = list(filters) if filters else None
     bm = retriever.search_many(qs, ds, depth, fl, dense=False, bm25=True)
     de = retriever.search_many(qs, ds, depth, fl, query_vectors=vectors, dense=True, bm25=False)
@@ -198,11 +229,14 @@ def _hard_negatives(retriever, department: str, qas: Sequence[QAExample], vector
 def train_query_adapter(retriever, department: str, qas: Sequence[QAExample], *,
                         config: AdapterConfig | None = None, k: int = 2,
                         filters: Sequence[dict | None] | None = None,
+                        queries: Sequence[str] | None = None,
                         log: Callable[[str], None] = lambda m: None) -> tuple[QueryAdapter, AdapterReport]:
     """An adapter for `department` from its training questions (see the module doc).
 
-    `filters` (one per question, or None) restrict each question's search as it will be served
-    (for example to its own policy document); `k` is the number of passages the model is given."""
+    `queries` (one per question) are the texts searched with, as serving builds them (a follow-up's
+    retrieval query holds earlier turns; default: the questions); `filters` (one per question, or
+    None) restrict each search as it will be served (for example to its own policy document); `k`
+    is the number of passages the model is given."""
     import torch
 
     cfg = config or AdapterConfig()
@@ -212,7 +246,10 @@ def train_query_adapter(retriever, department: str, qas: Sequence[QAExample], *,
     if filters is not None and len(filters) != len(qas):
         raise QueryAdapterError("one filter dict per question expected")
     fl = list(filters) if filters is not None else [None] * len(qas)
-    qvecs = np.asarray(embedder.encode([q.question for q in qas]), dtype=np.float32)
+    texts = list(queries) if queries is not None else [q.question for q in qas]
+    if len(texts) != len(qas):
+        raise QueryAdapterError("one query per question expected")
+    qvecs = np.asarray(embedder.encode(texts), dtype=np.float32)
     pos = positives(index, department, qas, qvecs)
     if len(pos) < 8:
         raise QueryAdapterError(f"{department}: only {len(pos)} training question(s) have their answer in one of "
@@ -222,17 +259,16 @@ def train_query_adapter(retriever, department: str, qas: Sequence[QAExample], *,
     if cfg.holdout not in ("document", "question"):
         raise QueryAdapterError(f"holdout must be 'document' or 'question', got {cfg.holdout!r}")
     answerable = [qas[i] for i in keep]
-    if cfg.holdout == "document":
-        train_qas, hold_qas = split_by_document(answerable, cfg.holdout_fraction, cfg.seed)
-    else:
-        train_qas, hold_qas = split_by_question(answerable, cfg.holdout_fraction, cfg.seed)
-    where = {id(qas[i]): i for i in keep}
-    tr = [where[id(q)] for q in train_qas]
-    ho = [where[id(q)] for q in hold_qas]
+    split = _document_split if cfg.holdout == "document" else _question_split
+    tr_pos, ho_pos = split(answerable, cfg.holdout_fraction, cfg.seed)
+    tr, ho = [keep[j] for j in tr_pos], [keep[j] for j in ho_pos]
+    if len(tr) < 8:
+        raise QueryAdapterError(f"{department}: {len(tr)} question(s) left to train on after holding out "
+                                f"{len(ho)} by {cfg.holdout} (all in one document?); a query adapter needs at least 8")
     log(f"{department}: {len(pos)} of {len(qas)} questions have their answer in a chunk; "
         f"{len(tr)} train, {len(ho)} held out")
 
-    negs = _hard_negatives(retriever, department, [qas[i] for i in tr], qvecs[tr], [by_q[i][1] for i in tr],
+    negs = _hard_negatives(retriever, department, [texts[i] for i in tr], qvecs[tr], [by_q[i][1] for i in tr],
                            cfg.hard_negatives, [fl[i] for i in tr])
     pos_ids = np.asarray([by_q[i][0] for i in tr], dtype=np.int64)
     all_ids = sorted({*pos_ids.tolist(), *(c for n in negs for c in n)})
@@ -258,7 +294,7 @@ def train_query_adapter(retriever, department: str, qas: Sequence[QAExample], *,
     def evaluate(w: np.ndarray) -> float:
         ad = QueryAdapter(w)
         return span_hit_rate(retriever, department, [qas[i] for i in ho], ad.apply(qvecs[ho]), k,
-                             [fl[i] for i in ho])[0]
+                             [fl[i] for i in ho], [texts[i] for i in ho])[0]
 
     base = evaluate(np.eye(dim, dtype=np.float32)) if ho else float("nan")
     best = (base, 0, np.eye(dim, dtype=np.float32))
@@ -299,6 +335,7 @@ def train_query_adapter(retriever, department: str, qas: Sequence[QAExample], *,
     if not ho:  # nothing to choose on (a single document): the last epoch, said in the report
         best = (float("nan"), cfg.epochs, (eye + delta).detach().numpy().astype(np.float32))
     report = AdapterReport(questions=len(qas), with_positive=len(pos), train=len(tr), holdout=len(ho),
-                           hit_at_k_identity=round(100 * base, 2), hit_at_k=round(100 * best[0], 2),
+                           hit_at_k_identity=round(100 * base, 2) if ho else None,
+                           hit_at_k=round(100 * best[0], 2) if ho else None,
                            chosen_epoch=best[1], k=k, curve=curve)
     return QueryAdapter(best[2]), report

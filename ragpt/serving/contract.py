@@ -115,7 +115,10 @@ class InputContract:
         if bad:
             raise ContractError(f"cannot override input-contract field(s) {bad[:5]}; "
                                 f"overridable: {', '.join(OVERRIDABLE)}")
-        used = _typed(self, {k: v for k, v in overrides.items() if v is not None}).check()
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if values.get("dense") is False and "query_adapter" not in values:
+            values["query_adapter"] = False  # no dense search, nothing for the adapter to map
+        used = _typed(self, values).check()
         if used.query_adapter and not self.query_adapter:
             raise ContractError("query_adapter can only be turned off: this prompt version has no query adapter")
         diff = {name: {"contract": getattr(self, name), "used": getattr(used, name)}

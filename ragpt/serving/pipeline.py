@@ -164,9 +164,12 @@ class Pipeline:
         adapter = sp.query_adapter
         if contract.query_adapter and adapter is None:
             raise SoftPromptError(f"{department} {version}: its contract uses a query adapter, but it has none")
-        if adapter is not None and adapter.dim != self.index.dim:
-            raise SoftPromptError(f"{department} {version}: its query adapter has {adapter.dim} dimensions, the "
-                                  f"index's embedder {self.index.dim}")
+        if adapter is not None:
+            trained_with = sp.meta["query_adapter"].get("embedder")
+            if adapter.dim != self.index.dim or (trained_with and trained_with != self.index.embedder_name):
+                raise SoftPromptError(f"{department} {version}: its query adapter was trained for the embedder "
+                                      f"{trained_with!r} ({adapter.dim} dimensions); the index's embedder is "
+                                      f"{self.index.embedder_name!r} ({self.index.dim})")
         return (sp.tensor, contract, adapter) if with_adapter else (sp.tensor, contract)
 
     def prefix_key(self, department: str, version: str | None, soft_prompt: torch.Tensor | None) -> Hashable | None:

@@ -71,6 +71,9 @@ class ChatRequest:
     # Build with this contract instead of the version's (or, without a prompt, the settings'): for
     # example no prompt with a version's inputs, for a paired comparison.
     contract: InputContract | None = None
+    # Search with this registry version's query adapter (when the contract uses one) although the
+    # answer uses another prompt or none: the no-prompt side of such a comparison.
+    query_adapter_of: str | None = None
 
 
 SNIPPET_CHARS = 240
@@ -195,18 +198,23 @@ def _resolve(pipeline: Pipeline, req: ChatRequest) -> _Resolved:
     if not isinstance(req.question, str) or not req.question.strip():
         raise EmptyQuestionError("the question is empty")
     pipeline.index.check_department(req.department)
+    registry_version = None  # the version whose query adapter the search may use
     if req.soft_prompt is not None:
         soft, version, base = req.soft_prompt, req.prompt_label, pipeline.default_contract
     else:
         soft, version, base = pipeline.resolve(req.department, req.prompt)
+        registry_version = version
+    if req.query_adapter_of is not None:
+        registry_version = req.query_adapter_of
     if req.contract is not None:
         base = req.contract
     used, diff = base.apply(req.overrides)
-    adapter = pipeline.query_adapter(req.department, version) if used.query_adapter else None
+    adapter = pipeline.query_adapter(req.department, registry_version) if used.query_adapter else None
     if used.query_adapter and adapter is None:
-        # A version's contract on a request that is not answered with that version (an explicit
-        # tensor, or no prompt beside a version for a paired comparison): there is no adapter to use.
+        # A contract that uses an adapter, on a request with no version to take it from (an explicit
+        # tensor, no prompt without query_adapter_of): searched without one, and the answer says so.
         used = replace(used, query_adapter=False)
+        diff = {**diff, "query_adapter": {"contract": True, "used": False}}
     return _Resolved(soft, version, used, diff, retrieval_query(req.question, req.history, used.query_rule), adapter)
 
 

@@ -195,10 +195,13 @@ class SoftPrompt:
         data = st_save({TENSOR_KEY: t}, metadata={"format": "pt"})
         meta = {k: v for k, v in self.meta.items() if k not in ("depth", "query_adapter")}
         meta.update(format=FORMAT, **_shape_fields(t), dtype="float32", sha256=hashlib.sha256(data).hexdigest())
+        if self.query_adapter is None and _contract_uses_adapter(meta):
+            raise SoftPromptError("the prompt's input contract uses a query adapter, but it has none")
         if self.query_adapter is not None:
             adapter = self.query_adapter.to_bytes()
             meta["query_adapter"] = {"file": ADAPTER_FILE, "sha256": hashlib.sha256(adapter).hexdigest(),
-                                     "dim": self.query_adapter.dim}
+                                     "dim": self.query_adapter.dim,
+                                     "embedder": (meta.get("embedder") or {}).get("name")}
             atomic_write_bytes(folder / ADAPTER_FILE, adapter)
         atomic_write_bytes(folder / TENSOR_FILE, data)
         atomic_write_json(folder / META_FILE, meta)
@@ -261,10 +264,18 @@ class SoftPrompt:
         return cls(tensor=t.to(torch.float32).contiguous(), meta=meta, query_adapter=_load_adapter(folder, meta))
 
 
+def _contract_uses_adapter(meta: dict[str, Any]) -> bool:
+    contract = meta.get("contract")
+    return isinstance(contract, dict) and contract.get("query_adapter") is True
+
+
 def _load_adapter(folder: Path, meta: dict[str, Any]) -> Any:
     """The version's query adapter, checked against the sha256 in meta.json; None without one."""
     info = meta.get("query_adapter")
     if info is None:
+        if _contract_uses_adapter(meta):
+            raise SoftPromptError(f"{folder / META_FILE}: the input contract uses a query adapter, but the "
+                                  "version has none")
         return None
     from ragpt.retrieval.query_adapter import QueryAdapter, QueryAdapterError
 

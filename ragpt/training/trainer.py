@@ -752,27 +752,29 @@ def train_prompt(
 
 def fit_query_adapter(retriever: Retriever, cfg: TrainConfig, train_qas: list[QAExample],
                       log: Callable[[str], None]) -> tuple[QueryAdapter | None, dict]:
-    """The department's query adapter from its training questions, or None where it does not beat
-    the embedder as it is on the questions it holds out (the report says which)."""
+    """The department's query adapter from its training questions, searched with the retrieval
+    queries the examples are built with, or None where it does not beat the embedder as it is on
+    the questions it holds out (the report says which)."""
     from ragpt.retrieval.query_adapter import AdapterConfig, QueryAdapterError, train_query_adapter
 
     if not retriever.dense:
         raise RagptError("a query adapter maps the dense search's question embedding: turn the dense ranker on")
+    queries = [retrieval_query(q.question, tuple(Turn(t["role"], t["content"]) for t in q.history), cfg.query_rule)
+               for q in train_qas]
     try:
-        adapter, rep = train_query_adapter(retriever, cfg.department, train_qas,
-                                           config=AdapterConfig(seed=cfg.seed), k=cfg.k)
+        adapter, rep = train_query_adapter(retriever, cfg.department, train_qas, config=AdapterConfig(seed=cfg.seed),
+                                           k=cfg.k, queries=queries)
     except QueryAdapterError as e:
         log(f"[train] no query adapter: {e}")
         return None, {"kept": False, "reason": str(e)}
     report = {"kept": rep.improved, "questions_with_positive": rep.with_positive, "train": rep.train,
               "holdout": rep.holdout, f"holdout_hit@{rep.k}_without": rep.hit_at_k_identity,
               f"holdout_hit@{rep.k}_with": rep.hit_at_k, "epoch": rep.chosen_epoch}
+    where = f"span hit@{rep.k} on {rep.holdout} held-out training questions"
     if rep.improved:
-        log(f"[train] query adapter kept: span hit@{rep.k} on {rep.holdout} held-out training questions "
-            f"{rep.hit_at_k_identity:.1f} -> {rep.hit_at_k:.1f}")
+        log(f"[train] query adapter kept: {where} {rep.hit_at_k_identity} -> {rep.hit_at_k}")
         return adapter, report
-    log(f"[train] query adapter not kept: no better than the embedder as it is on {rep.holdout} held-out "
-        f"training questions (span hit@{rep.k} {rep.hit_at_k_identity:.1f})")
+    log(f"[train] query adapter not kept: no better than the embedder as it is ({where}: {rep.hit_at_k_identity})")
     return None, report
 
 

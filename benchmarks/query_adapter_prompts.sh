@@ -2,7 +2,7 @@
 # A query adapter end to end: one doc2dial agency's prompt trained with and without
 # `ragpt train --query-adapter` on the same questions, each evaluated as served.
 #
-#   benchmarks/query_adapter_prompts.sh          # dmv, ~45 min on 2 cores
+#   benchmarks/query_adapter_prompts.sh          # dmv, about 1.5 h on 2 cores (two trainings, four evals)
 #   DEPT=ssa benchmarks/query_adapter_prompts.sh
 #
 # 1. The agency's training file is split by question (the seeded 20% of benchmarks/query_adapter.py):

@@ -225,9 +225,14 @@ def export(
                 raise RagptError(f"cannot read the generator config from {where}: {e}") from e
             registry.export_peft(department, version, out_dir,
                                  base_model_name_or_path=str(s.generator), model_config=config)
+        has_adapter = "query_adapter" in registry.meta(department, version)
     except RagptError as e:
         fail(e)
     typer.echo(f"{department} {version} -> {out_dir} ({peft_type})")
+    if has_adapter:
+        # PEFT has no place for it: a model served from the export searches without it.
+        typer.echo(f"note: {department} {version} also has a query adapter, which a PEFT adapter cannot carry; "
+                   "the export holds the soft prompt only", err=True)
 
 
 @prompts_app.command("import")

@@ -4,6 +4,7 @@
 #
 #   benchmarks/query_adapter_prompts.sh          # dmv, about 1.5 h on 2 cores (two trainings, four evals)
 #   DEPT=ssa benchmarks/query_adapter_prompts.sh
+#   STEPS=40 OUT=benchmarks/results/query_adapter_prompts_40 benchmarks/query_adapter_prompts.sh  # half the steps
 #
 # 1. The agency's training file is split by question (the seeded 20% of benchmarks/query_adapter.py):
 #    `fit` to train on, `seen` = new questions about the documents the training questions cover.
@@ -23,6 +24,7 @@ QA=${QA:-$HOME/.cache/ragpt/shared-qa}
 DEPT=${DEPT:-dmv}
 INDEX=${INDEX:-shared}
 OUT=${OUT:-benchmarks/results/query_adapter_prompts}
+STEPS=${STEPS:-}                             # empty: ragpt train's default
 export RAGPT_PROMPT_DIR=${RAGPT_PROMPT_DIR:-.cache/adapter-prompts}
 export HF_HUB_OFFLINE=1
 qa="$QA/doc2dial/qa/$DEPT"
@@ -44,7 +46,8 @@ fi
 
 for arm in plain adapter; do
   flags=()
-  [ "$arm" = adapter ] && flags=(--query-adapter)
+  [ -n "$STEPS" ] && flags+=(--steps "$STEPS")
+  [ "$arm" = adapter ] && flags+=(--query-adapter)
   if [ ! -f "$out/$arm.version" ]; then
     echo "== $DEPT: train $arm on $INDEX"
     "$RAGPT" train -q -d "$DEPT" -i "$INDEX" --data "$out/fit.jsonl" "${flags[@]}" --actor bench \
@@ -62,4 +65,5 @@ for arm in plain adapter; do
     fi
   done
 done
-"$PY" benchmarks/query_adapter_prompts_table.py --out "$OUT" --dept "$DEPT"
+"$PY" benchmarks/query_adapter_prompts_table.py --out "$OUT" --dept "$DEPT" \
+  --command "STEPS=$STEPS OUT=$OUT DEPT=$DEPT benchmarks/query_adapter_prompts.sh"

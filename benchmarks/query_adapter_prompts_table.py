@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=HERE / "results" / "query_adapter_prompts")
     ap.add_argument("--dept", default="dmv")
+    ap.add_argument("--command", default=None, help="the command line that made the results (for the table)")
     args = ap.parse_args()
     root = args.out / args.dept
     res: dict = {"department": args.dept, "splits": {}}
@@ -72,7 +73,7 @@ def main() -> None:
     qa = res["adapter_training"].get("query_adapter") or {}
     lines += ["", f"Training: plain dev verdict {json.dumps(res['plain_training'].get('dev_verdict'))}; adapter "
               f"dev verdict {json.dumps(res['adapter_training'].get('dev_verdict'))}; adapter {json.dumps(qa)}.", "",
-              f"Command: `DEPT={args.dept} benchmarks/query_adapter_prompts.sh`"]
+              f"Command: `{args.command or f'DEPT={args.dept} benchmarks/query_adapter_prompts.sh'}`"]
     (args.out / f"{args.dept}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

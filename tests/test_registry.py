@@ -541,3 +541,20 @@ def test_cli_exports_a_deep_prompt_as_prefix_tuning(cli, tmp_path, generator_dir
     r = cli("export", "hr", "v2", str(tmp_path / "other"))
     assert r.exit_code == 2 and "another base model" in r.output
     assert not (tmp_path / "other").exists()
+
+
+def test_cli_export_says_a_query_adapter_does_not_travel_with_peft(cli, tmp_path, generator_dir):
+    import numpy as np
+
+    from ragpt.retrieval.query_adapter import QueryAdapter
+
+    reg = PromptRegistry(tmp_path / "prompts")
+    p = make_prompt(0)
+    reg.register(SoftPrompt(p.tensor, {**p.meta, "contract": {"query_adapter": True}},
+                            query_adapter=QueryAdapter(np.eye(8, dtype=np.float32))), actor="trainer")
+    reg.register(make_prompt(1), actor="trainer")
+    r = cli("export", "hr", "v1", str(tmp_path / "with"))
+    assert r.exit_code == 0 and "cannot carry" in r.output, r.output
+    assert (tmp_path / "with" / "adapter_model.safetensors").is_file()
+    r = cli("export", "hr", "v2", str(tmp_path / "without"))
+    assert r.exit_code == 0 and "query adapter" not in r.output, r.output

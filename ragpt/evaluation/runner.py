@@ -240,7 +240,9 @@ def soft_method(registry: PromptRegistry, department: str, name: str, version: s
                                 if k in hp},
             "training_metrics": sp.meta.get("metrics") or {},
             "contract": InputContract.from_prompt_meta(sp.meta).to_dict(),
-            **({"query_adapter_sha256": sp.query_adapter.sha256()} if sp.query_adapter is not None else {}),
+            **({"query_adapter_sha256": sp.query_adapter.sha256(),
+                "query_adapter_embedder": sp.meta["query_adapter"].get("embedder")}
+               if sp.query_adapter is not None else {}),
         },
         loss_curve=_read_loss_curve(folder / "loss_curve.json"),
         training_keys=set(keys) if isinstance(keys, list) else None,
@@ -482,10 +484,11 @@ def input_mismatch(method: Method, used: InputContract) -> str | None:
     return f"{method.name} was trained with {shown}"
 
 
-def department_adapter(plan: Sequence[Method], contract: InputContract, department: str):
+def department_adapter(plan: Sequence[Method], contract: InputContract, department: str, index=None):
     """The query adapter a department's questions are searched with: that of the first soft method
     (whose contract the evaluation uses), when the contract uses one. Every method is scored on the
-    same passages, so soft methods with different adapters cannot share one evaluation."""
+    same passages, so soft methods with different adapters cannot share one evaluation; an adapter
+    for another embedder than the index's is refused, as serving refuses it."""
     if not contract.query_adapter:
         return None
     soft = [m for m in plan if m.kind == "soft" and m.details.get("contract")]
@@ -494,7 +497,13 @@ def department_adapter(plan: Sequence[Method], contract: InputContract, departme
         raise RagptError(f"{department}: {', '.join(sorted(with_adapter.values()))} search with different query "
                          "adapters, and every method of an evaluation is scored on the same passages; evaluate "
                          "them in separate runs")
-    return soft[0].query_adapter if soft else None
+    adapter = soft[0].query_adapter if soft else None
+    if adapter is not None and index is not None:
+        trained_with = soft[0].details.get("query_adapter_embedder")
+        if adapter.dim != index.dim or (trained_with and trained_with != index.embedder_name):
+            raise RagptError(f"{department}: {soft[0].name}'s query adapter was trained for the embedder "
+                             f"{trained_with!r} ({adapter.dim} dimensions); the index's is {index.embedder_name!r}")
+    return adapter
 
 
 def department_contract(plan: Sequence[Method], default: InputContract, cfg: EvalConfig,
@@ -613,7 +622,7 @@ def run_evaluation(
         d_retriever = retriever if (retriever.dense, retriever.bm25, retriever.rrf_k) == (
             contract.dense, contract.bm25, contract.rrf_k) else Retriever(
             retriever.index, retriever.embedder, dense=contract.dense, bm25=contract.bm25, rrf_k=contract.rrf_k)
-        adapter = department_adapter(plans[d], contract, d)
+        adapter = department_adapter(plans[d], contract, d, retriever.index)
         prepared = prepare(d_retriever, generator.tokenizer, qas, d, dcfg, progress, contract, adapter)
         all_prepared += prepared
         dept: dict = {"n": len(qas), "examples_sha256": examples_sha256(qas), "contract": contract.to_dict(),

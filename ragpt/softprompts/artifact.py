@@ -201,7 +201,7 @@ class SoftPrompt:
             adapter = self.query_adapter.to_bytes()
             meta["query_adapter"] = {"file": ADAPTER_FILE, "sha256": hashlib.sha256(adapter).hexdigest(),
                                      "dim": self.query_adapter.dim,
-                                     "embedder": (meta.get("embedder") or {}).get("name")}
+                                     "embedder": _embedder_name(meta.get("embedder"))}
             atomic_write_bytes(folder / ADAPTER_FILE, adapter)
         atomic_write_bytes(folder / TENSOR_FILE, data)
         atomic_write_json(folder / META_FILE, meta)
@@ -262,6 +262,11 @@ class SoftPrompt:
             raise SoftPromptError(f"{tensor_path}: deep prompt of depth {depth}, but the model has {max_depth} layers")
         t = _check_tensor(t, str(tensor_path))
         return cls(tensor=t.to(torch.float32).contiguous(), meta=meta, query_adapter=_load_adapter(folder, meta))
+
+
+def _embedder_name(embedder: Any) -> str | None:
+    """meta.json's "embedder": {"name", "dim"} as `ragpt train` writes it, or a bare name."""
+    return embedder.get("name") if isinstance(embedder, dict) else embedder
 
 
 def _contract_uses_adapter(meta: dict[str, Any]) -> bool:

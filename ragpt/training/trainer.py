@@ -742,7 +742,8 @@ def train_prompt(
         metrics=metrics,
         loss_curve=loss_curve,
         evals=evals,
-        hyperparameters=asdict(cfg),
+        # Runs without a query adapter record their hyperparameters as before the option existed.
+        hyperparameters={k: v for k, v in asdict(cfg).items() if k != "query_adapter" or v},
         data_sha256=examples_sha256(train_qas + dev_qas),
         stopped_early=stopped_early,
         contract=cfg.contract(retriever, query_adapter=adapter is not None).to_dict(),
@@ -771,6 +772,9 @@ def fit_query_adapter(retriever: Retriever, cfg: TrainConfig, train_qas: list[QA
               "holdout": rep.holdout, f"holdout_hit@{rep.k}_without": rep.hit_at_k_identity,
               f"holdout_hit@{rep.k}_with": rep.hit_at_k, "epoch": rep.chosen_epoch}
     where = f"span hit@{rep.k} on {rep.holdout} held-out training questions"
+    if rep.improved and not rep.holdout:
+        log("[train] query adapter kept without a held-out check (nothing was held out)")
+        return adapter, report
     if rep.improved:
         log(f"[train] query adapter kept: {where} {rep.hit_at_k_identity} -> {rep.hit_at_k}")
         return adapter, report

@@ -349,3 +349,13 @@ def test_eval_searches_with_the_versions_adapter_and_refuses_two_different_ones(
     with pytest.raises(RagptError, match="different query adapters"):
         department_adapter([soft("v2", adapter, contract), soft("v3", _rotation(adapter.dim, 5), contract)],
                            contract, "hr")
+
+
+@pytest.mark.integration
+def test_an_adapter_for_another_embedder_is_refused(hr):
+    ad = QueryAdapter.identity(hr.index.dim)
+    ad.check_fits(hr.index, hr.index.embedder_name, "hr v1")  # its own embedder: fine
+    with pytest.raises(QueryAdapterError, match="trained for the embedder 'other-model'"):
+        ad.check_fits(hr.index, "other-model", "hr v1")
+    with pytest.raises(QueryAdapterError, match="16 dimensions"):
+        QueryAdapter.identity(16).check_fits(hr.index, None, "hr v1")

@@ -499,10 +499,7 @@ def department_adapter(plan: Sequence[Method], contract: InputContract, departme
                          "them in separate runs")
     adapter = soft[0].query_adapter if soft else None
     if adapter is not None and index is not None:
-        trained_with = soft[0].details.get("query_adapter_embedder")
-        if adapter.dim != index.dim or (trained_with and trained_with != index.embedder_name):
-            raise RagptError(f"{department}: {soft[0].name}'s query adapter was trained for the embedder "
-                             f"{trained_with!r} ({adapter.dim} dimensions); the index's is {index.embedder_name!r}")
+        adapter.check_fits(index, soft[0].details.get("query_adapter_embedder"), f"{department} {soft[0].name}")
     return adapter
 
 

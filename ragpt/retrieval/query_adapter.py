@@ -34,6 +34,7 @@ import numpy as np
 from ragpt.data.documents import source_matches
 from ragpt.data.qa import QAExample, normalize_answer, split_by_document
 from ragpt.errors import RagptError
+from ragpt.evaluation.metrics import answer_in_text
 
 ADAPTER_KEY = "weight"
 
@@ -94,6 +95,14 @@ class QueryAdapter:
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def check_fits(self, index, trained_with: str | None, where: str) -> None:
+        """Refuse an adapter learned in another embedder's space than the index's (`trained_with`:
+        the embedder name recorded with it)."""
+        if self.dim != index.dim or (trained_with and trained_with != index.embedder_name):
+            raise QueryAdapterError(f"{where}: its query adapter was trained for the embedder {trained_with!r} "
+                                    f"({self.dim} dimensions); the index's embedder is {index.embedder_name!r} "
+                                    f"({index.dim})")
 
 
 # ------------------------------------------------------------------------------------ training
@@ -199,8 +208,7 @@ def span_hit_rate(retriever, department: str, qas: Sequence[QAExample], vectors:
     found = retriever.search_many(list(queries) if queries is not None else [q.question for q in qas],
                                   [department] * len(qas), k,
                                   list(filters) if filters else None, query_vectors=vectors)
-    hits = [float(any(_contains([normalize_answer(a) for a in q.answers], normalize_answer(h.chunk.text))
-                      for h in f)) for q, f in zip(qas, found)]
+    hits = [float(any(answer_in_text(q.answers, h.chunk.text) for h in f)) for q, f in zip(qas, found)]
     return float(np.mean(hits)), hits
 
 

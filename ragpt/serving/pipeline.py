@@ -165,11 +165,12 @@ class Pipeline:
         if contract.query_adapter and adapter is None:
             raise SoftPromptError(f"{department} {version}: its contract uses a query adapter, but it has none")
         if adapter is not None:
-            trained_with = sp.meta["query_adapter"].get("embedder")
-            if adapter.dim != self.index.dim or (trained_with and trained_with != self.index.embedder_name):
-                raise SoftPromptError(f"{department} {version}: its query adapter was trained for the embedder "
-                                      f"{trained_with!r} ({adapter.dim} dimensions); the index's embedder is "
-                                      f"{self.index.embedder_name!r} ({self.index.dim})")
+            from ragpt.retrieval.query_adapter import QueryAdapterError
+
+            try:
+                adapter.check_fits(self.index, sp.meta["query_adapter"].get("embedder"), f"{department} {version}")
+            except QueryAdapterError as e:  # a version that cannot be served as stored
+                raise SoftPromptError(str(e)) from None
         return (sp.tensor, contract, adapter) if with_adapter else (sp.tensor, contract)
 
     def prefix_key(self, department: str, version: str | None, soft_prompt: torch.Tensor | None) -> Hashable | None:

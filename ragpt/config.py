@@ -35,6 +35,11 @@ CONTRACT_DEFAULTS: dict[str, Any] = {
 # measured on doc2dial, a deep prompt over every layer (depth 0) at lr 1e-2 for 80 steps.
 TRAIN_DEFAULTS: dict[str, Any] = {"depth": 0, "steps": 80, "lr": 1e-2, "dev_fraction": 0.15, "dev_max": 200}
 
+# How a new index cuts documents (ragpt.data.ingest), defined once, here: chunk size and overlap in
+# embedder tokens (200 fits MiniLM's 256-token window) and the splitter. An index records its own
+# when it is created; indexes made before the splitter was recorded read as these.
+CHUNKING_DEFAULTS: dict[str, Any] = {"chunk_tokens": 200, "chunk_overlap": 40, "splitter": "recursive"}
+
 
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -71,11 +76,11 @@ class Settings(BaseSettings):
     embedder: str = EMBEDDED_EMBEDDER
 
     # Ingestion. Chunks are measured in embedder tokens so that none is truncated when embedded.
-    chunk_tokens: int = Field(200, ge=16, le=4096)
-    chunk_overlap: int = Field(40, ge=0)
+    chunk_tokens: int = Field(CHUNKING_DEFAULTS["chunk_tokens"], ge=16, le=4096)
+    chunk_overlap: int = Field(CHUNKING_DEFAULTS["chunk_overlap"], ge=0)
     # How a document is cut: "recursive" (paragraphs first) or "sentences" (whole sentences packed up
     # to the budget, overlap across paragraphs; higher span hit@2, benchmarks/retrieval_levers.py).
-    chunk_splitter: str = "recursive"
+    chunk_splitter: str = CHUNKING_DEFAULTS["splitter"]
     embed_batch_size: int = Field(32, ge=1)  # bf16 and fp32 both embed fastest near 32 (ingest_throughput.py)
     # What the embedder computes in: fp32, bf16 (weights in bfloat16: several times the chunks/s on
     # AVX-512-BF16 / AMX at the same retrieval quality), or auto (bf16 where the CPU has native bf16).

@@ -142,13 +142,13 @@ def _rotation(dim: int, seed: int = 0) -> QueryAdapter:
     return QueryAdapter(q.astype(np.float32))
 
 
-def _prompt_with_adapter(model, adapter, contract: dict):
+def _prompt_with_adapter(model, adapter, contract: dict, department: str = "hr"):
     import torch
 
     from ragpt.softprompts.artifact import SoftPrompt, base_model_fingerprint
 
     tensor = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.01
-    return SoftPrompt.create(tensor, department="hr", base_fingerprint=base_model_fingerprint(model),
+    return SoftPrompt.create(tensor, department=department, base_fingerprint=base_model_fingerprint(model),
                              contract=contract, query_adapter=adapter)
 
 
@@ -359,3 +359,39 @@ def test_an_adapter_for_another_embedder_is_refused(hr):
         ad.check_fits(hr.index, "other-model", "hr v1")
     with pytest.raises(QueryAdapterError, match="16 dimensions"):
         QueryAdapter.identity(16).check_fits(hr.index, None, "hr v1")
+
+
+@pytest.mark.integration
+def test_eval_refuses_conflicting_adapters_before_it_generates_anything(sample_index, real_embedder, tiny_model,
+                                                                         tiny_tokenizer, tmp_path):
+    """A conflict in the last department evaluated is found before the first one is decoded."""
+    from ragpt.data.sample import sample_questions
+    from ragpt.evaluation.runner import EvalConfig, run_evaluation
+    from ragpt.lm.generator import Generator
+    from ragpt.retrieval.index import DocumentIndex
+    from ragpt.retrieval.search import Retriever
+    from ragpt.serving.contract import InputContract
+    from ragpt.softprompts.registry import PromptRegistry
+
+    class CountingGenerator(Generator):
+        streams = 0
+
+        def stream(self, *args, **kwargs):
+            CountingGenerator.streams += 1
+            return super().stream(*args, **kwargs)
+
+    settings, name = sample_index
+    reg = PromptRegistry(tmp_path / "prompts")
+    contract = InputContract(k=2, max_context_tokens=512, query_adapter=True).check().to_dict()
+    same, other = _rotation(real_embedder.dim), _rotation(real_embedder.dim, 5)
+    for dept, second in (("finance", same), ("it", other)):  # finance (evaluated first) agrees with itself
+        for adapter in (same, second):
+            reg.register(_prompt_with_adapter(tiny_model, adapter, contract, dept), actor="t")
+    qas = {d: [QAExample(q.question, q.answers, doc_id=q.source, department=d) for q in sample_questions(d)[:2]]
+           for d in ("finance", "it")}
+    gen = CountingGenerator(tiny_model, tiny_tokenizer, bf16=False)
+    retriever = Retriever(DocumentIndex.open(settings.index_dir, name), real_embedder)
+    with pytest.raises(RagptError, match="it: soft:v1, soft:v2 search with different query adapters"):
+        run_evaluation(gen, tiny_model, retriever, qas, methods=("none", "soft"), prompt_specs=("v1", "v2"),
+                       registry=reg, cfg=EvalConfig(max_new_tokens=4), progress=False)
+    assert CountingGenerator.streams == 0

@@ -27,7 +27,8 @@ SHIPPED_DEPARTMENTS = {"dmv": "doc2dial", "ssa": "doc2dial", "va": "doc2dial", "
                        "legal": "policyqa"}
 SHIPPED_INDEX = "shared"  # the index of a shipped prompt that records none
 # The indexes the shipped prompts were trained against and how each cuts documents: a prompt is
-# served on the kind of passage it learned (each prompt's meta records its index's name).
+# served on the kind of passage it learned (each prompt's meta records its index's name). Literal
+# values, not the settings' defaults: they describe how the shipped prompts were trained.
 SHIPPED_INDEXES = {
     "shared": {"chunk_tokens": 200, "chunk_overlap": 40, "chunk_splitter": "recursive"},
     "shared-sentences": {"chunk_tokens": 200, "chunk_overlap": 40, "chunk_splitter": "sentences"},

@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ragpt.config import Settings
+from ragpt.config import CHUNKING_DEFAULTS, Settings
 from ragpt.data.documents import (
     Chunker,
     Document,
@@ -64,8 +64,6 @@ class IngestReport:
         return self.skipped + self.failed
 
 
-DEFAULT_CHUNKING = {"chunk_tokens": 200, "chunk_overlap": 40, "splitter": "recursive"}
-
 
 class ChunkingMismatchError(RagptError):
     """Documents asked to be chunked unlike the rest of their index."""
@@ -86,7 +84,7 @@ def index_chunking(index: DocumentIndex | None, chunk_tokens: int | None = None,
     """
     asked = {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap, "splitter": chunk_splitter}
     if index is None:
-        fallback = {**DEFAULT_CHUNKING, **{k: v for k, v in (new_chunking or {}).items() if v is not None}}
+        fallback = {**CHUNKING_DEFAULTS, **{k: v for k, v in (new_chunking or {}).items() if v is not None}}
         return {k: fallback[k] if v is None else v for k, v in asked.items()}
     own = index.chunking
     differ = [f"{FLAGS[k]} {v} (the index: {own[k]})" for k, v in asked.items() if v is not None and v != own[k]]

@@ -604,6 +604,10 @@ def run_evaluation(
     hygiene = {d: {"methods": {m.name: leak_check(sampled[d], m) for m in plans[d]},
                    "documents": document_overlap(sampled[d], trains[d], devs[d])} for d in sampled}
     leaks = _refuse_leaks(hygiene, allow_overlap)
+    # Every department's contract and query adapter, also before any generation: a conflict in the
+    # last department must not surface after the first ones were decoded.
+    setups = {d: _department_setup(plans[d], default_contract or InputContract(), cfg, notes, d, retriever.index)
+              for d in sampled}
 
     departments: dict = {}
     predictions: list[dict] = []
@@ -612,14 +616,10 @@ def run_evaluation(
     loss_curves: dict[str, list[dict]] = {}
     bf16_inference = next(generator.model.parameters()).dtype == torch.bfloat16
     for d, qas in sampled.items():
-        contract, contract_source = department_contract(plans[d], default_contract or InputContract(), cfg, notes, d)
-        dcfg = replace(cfg, k=contract.k, max_context_tokens=contract.max_context_tokens)
-        if dcfg.depth < dcfg.k:
-            raise RagptError(f"{d}: need k <= depth (k={dcfg.k} from {contract_source}, depth={dcfg.depth})")
+        contract, contract_source, dcfg, adapter = setups[d]
         d_retriever = retriever if (retriever.dense, retriever.bm25, retriever.rrf_k) == (
             contract.dense, contract.bm25, contract.rrf_k) else Retriever(
             retriever.index, retriever.embedder, dense=contract.dense, bm25=contract.bm25, rrf_k=contract.rrf_k)
-        adapter = department_adapter(plans[d], contract, d, retriever.index)
         prepared = prepare(d_retriever, generator.tokenizer, qas, d, dcfg, progress, contract, adapter)
         all_prepared += prepared
         dept: dict = {"n": len(qas), "examples_sha256": examples_sha256(qas), "contract": contract.to_dict(),
@@ -669,6 +669,17 @@ def run_evaluation(
         "timing": {"seconds": round(time.perf_counter() - t_start, 1)},
     }
     return EvalRun(results=results, predictions=predictions)
+
+
+def _department_setup(plan: Sequence[Method], default_contract: InputContract, cfg: EvalConfig,
+                      notes: list[str], department: str, index) -> tuple[InputContract, str, EvalConfig, Any]:
+    """A department's (contract, where it came from, config with the contract's k and budget,
+    query adapter); raises on settings that cannot be evaluated."""
+    contract, source = department_contract(plan, default_contract, cfg, notes, department)
+    dcfg = replace(cfg, k=contract.k, max_context_tokens=contract.max_context_tokens)
+    if dcfg.depth < dcfg.k:
+        raise RagptError(f"{department}: need k <= depth (k={dcfg.k} from {source}, depth={dcfg.depth})")
+    return contract, source, dcfg, department_adapter(plan, contract, department, index)
 
 
 def _config_used(cfg: EvalConfig, departments: dict) -> dict:

@@ -37,6 +37,7 @@ import numpy as np
 from filelock import FileLock
 
 from ragpt.atomic import atomic_write_json, atomic_write_text, fsync_path, sha256_file
+from ragpt.config import CHUNKING_DEFAULTS
 from ragpt.data.documents import Chunk, is_glob, source_matches, source_matches_pattern
 from ragpt.errors import (
     EmbedderMismatchError,
@@ -136,9 +137,9 @@ class DocumentIndex:
     def chunking(self) -> dict:
         """How this index cuts documents into chunks, fixed when it was created: chunk_tokens,
         chunk_overlap, splitter (indexes made before the splitter was recorded: recursive)."""
-        c = self.manifest.get("chunking") or {}
-        return {"chunk_tokens": int(c.get("chunk_tokens", 200)), "chunk_overlap": int(c.get("chunk_overlap", 40)),
-                "splitter": c.get("splitter", "recursive")}
+        c = {**CHUNKING_DEFAULTS, **(self.manifest.get("chunking") or {})}
+        return {"chunk_tokens": int(c["chunk_tokens"]), "chunk_overlap": int(c["chunk_overlap"]),
+                "splitter": c["splitter"]}
 
     @property
     def departments(self) -> list[str]:

@@ -39,3 +39,8 @@ class ModelLoadError(RagptError):
 
 class SoftPromptError(RagptError):
     """A soft-prompt tensor or artifact is invalid."""
+
+
+class PromptMismatchError(SoftPromptError):
+    """An intact soft prompt made for another base model, model size or embedder than the one that
+    would use it: nothing to restore, it has to be retrained or rolled back."""

@@ -20,7 +20,7 @@ import logging
 import time
 
 from ragpt.config import Settings
-from ragpt.errors import SoftPromptError
+from ragpt.errors import PromptMismatchError, SoftPromptError
 from ragpt.lm.generator import Generator, load_generator
 from ragpt.lm.models import Embedder, load_embedder
 from ragpt.retrieval.index import DocumentIndex
@@ -78,13 +78,17 @@ def config_problems(config: ServiceConfig, settings: Settings) -> list[str]:
     return problems
 
 
-def prompt_unavailable(department: str, version: str) -> ApiError:
+def prompt_unavailable(department: str, version: str, *, mismatch: bool = False) -> ApiError:
     """A version that failed its checks at load: named, so the client knows what is unavailable and
-    how to ask without it; the file and the reason go to the server log only (as for a 500)."""
-    return ApiError(503, f"the soft prompt {department} {version} failed its integrity checks when it was loaded "
-                         "and is not served (the server log says why); an administrator must restore or roll back "
-                         f"that version. Model {quote(department + '@none')} answers without it",
-                    code="prompt_unavailable", param="model")
+    how to ask without it; the file and the details go to the server log only (as for a 500).
+    `mismatch`: intact, but made for another base model or embedder than this service runs."""
+    if mismatch:
+        what, fix = ("was made for another base model or embedder than this service runs", "retrain or roll back")
+    else:
+        what, fix = "failed its integrity checks when it was loaded", "restore or roll back"
+    return ApiError(503, f"the soft prompt {department} {version} {what} and is not served (the server log says "
+                         f"why); an administrator must {fix} that version. Model {quote(department + '@none')} "
+                         "answers without it", code="prompt_unavailable", param="model")
 
 
 class ServicePipeline(Pipeline):
@@ -101,7 +105,7 @@ class ServicePipeline(Pipeline):
         except SoftPromptError as e:
             log.error("department %s: soft prompt %s failed its checks at load and is not served: %s",
                       department, version, e)
-            raise prompt_unavailable(department, version) from e
+            raise prompt_unavailable(department, version, mismatch=isinstance(e, PromptMismatchError)) from e
 
 
 def model_not_found(model: str) -> ApiError:

@@ -205,6 +205,31 @@ def test_a_damaged_version_fails_its_own_department_only_at_first_use(fleet, rea
         path.write_bytes(good)
 
 
+def test_a_version_made_for_another_model_says_so_not_that_it_is_damaged(fleet, real_embedder, tiny_tokenizer,
+                                                                       tmp_path, caplog):
+    import shutil
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(fleet.prompt_dir, prompts)
+    settings = fleet.model_copy(update={"prompt_dir": prompts})
+    other = base_model_fingerprint(build_tiny_model(tiny_tokenizer, seed=1))  # intact, for another model
+    reg = PromptRegistry(prompts)
+    v = reg.register(SoftPrompt.create(torch.zeros(3, 64) + 0.01, department=dept(3), base_fingerprint=other),
+                     actor="test")
+    reg.approve(dept(3), v, actor="test")  # approved: servable when pinned, not active
+    generator = Generator(build_tiny_model(tiny_tokenizer), tiny_tokenizer)
+    app = create_app(_config(), settings, embedder=real_embedder, generator=generator, background_load=False)
+    with live_server(app) as url, caplog.at_level(logging.ERROR, logger="ragpt.service"):
+        r = _ask(url, f"{dept(3)}@{v}")
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "prompt_unavailable"
+        assert "made for another base model or embedder" in err["message"] and "integrity" not in err["message"]
+        assert "retrain or roll back" in err["message"] and "/" not in err["message"]
+        assert any("trained for another base model" in rec.getMessage() for rec in caplog.records)
+        assert _ask(url, dept(3)).status_code == 200  # its active version is served as before
+
+
 def test_models_lists_every_department_with_its_served_versions_and_only_the_keys(service):
     url, _ = service
     r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})

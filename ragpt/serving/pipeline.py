@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ragpt.config import Settings, load_settings
-from ragpt.errors import SoftPromptError
+from ragpt.errors import PromptMismatchError, SoftPromptError
 from ragpt.lm.generator import Generator, load_generator
 from ragpt.lm.models import Embedder, load_embedder
 from ragpt.lm.template import Turn
@@ -169,8 +169,8 @@ class Pipeline:
 
             try:
                 adapter.check_fits(self.index, sp.meta["query_adapter"].get("embedder"), f"{department} {version}")
-            except QueryAdapterError as e:  # a version that cannot be served as stored
-                raise SoftPromptError(str(e)) from None
+            except QueryAdapterError as e:  # a version that cannot be served from this index
+                raise PromptMismatchError(str(e)) from None
         return (sp.tensor, contract, adapter) if with_adapter else (sp.tensor, contract)
 
     def prefix_key(self, department: str, version: str | None, soft_prompt: torch.Tensor | None) -> Hashable | None:

@@ -37,7 +37,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ragpt.atomic import atomic_write_bytes, atomic_write_json
-from ragpt.errors import SoftPromptError
+from ragpt.errors import PromptMismatchError, SoftPromptError
 from ragpt.softprompts.audit_log import utc_now
 from ragpt.softprompts.deep import prompt_depth
 
@@ -226,7 +226,7 @@ class SoftPrompt:
         tensor_path = folder / TENSOR_FILE
 
         if base_fingerprint is not None and meta["base_model_fingerprint"] != base_fingerprint:
-            raise SoftPromptError(
+            raise PromptMismatchError(
                 f"{meta_path}: trained for another base model (fingerprint "
                 f"{str(meta['base_model_fingerprint'])[:12]}..., this model is "
                 f"{base_fingerprint[:12]}...)"
@@ -255,11 +255,12 @@ class SoftPrompt:
                 f"{tensor_path}: shape {tuple(t.shape)} disagrees with meta.json {want_shape}"
             )
         if hidden_size is not None and t.shape[-1] != hidden_size:
-            raise SoftPromptError(
+            raise PromptMismatchError(
                 f"{tensor_path}: hidden size {t.shape[-1]} does not match the model's {hidden_size}"
             )
         if max_depth is not None and depth > max_depth:
-            raise SoftPromptError(f"{tensor_path}: deep prompt of depth {depth}, but the model has {max_depth} layers")
+            raise PromptMismatchError(
+                f"{tensor_path}: deep prompt of depth {depth}, but the model has {max_depth} layers")
         t = _check_tensor(t, str(tensor_path))
         return cls(tensor=t.to(torch.float32).contiguous(), meta=meta, query_adapter=_load_adapter(folder, meta))
 

@@ -2,7 +2,7 @@
 # A query adapter end to end: one doc2dial agency's prompt trained with and without
 # `ragpt train --query-adapter` on the same questions, each evaluated as served.
 #
-#   benchmarks/query_adapter_prompts.sh          # dmv, about 1.5 h on 2 cores (two trainings, four evals)
+#   benchmarks/query_adapter_prompts.sh          # dmv, about 45 min on 2 cores (two trainings, four evals)
 #   DEPT=ssa benchmarks/query_adapter_prompts.sh
 #   STEPS=40 OUT=benchmarks/results/query_adapter_prompts_40 benchmarks/query_adapter_prompts.sh  # half the steps
 #
@@ -13,7 +13,8 @@
 # 3. `ragpt eval` of each version on `seen` and on the test split (documents no training question is
 #    about), no prompt and the prompt, every input from the version's contract (the adapter version's
 #    no-prompt row searches with its adapter).
-# 4. benchmarks/query_adapter_prompts_table.py writes results/query_adapter_prompts.{json,md}.
+# 4. benchmarks/query_adapter_prompts_table.py writes results/query_adapter_prompts.{json,md}: every
+#    agency run so far, and the agencies pooled.
 # Every step is skipped when its output exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,5 +66,6 @@ for arm in plain adapter; do
     fi
   done
 done
-"$PY" benchmarks/query_adapter_prompts_table.py --out "$OUT" --dept "$DEPT" \
-  --command "STEPS=$STEPS OUT=$OUT DEPT=$DEPT benchmarks/query_adapter_prompts.sh"
+# The table covers every agency run to the end under OUT, pooled where there are several.
+"$PY" benchmarks/query_adapter_prompts_table.py --out "$OUT" \
+  --command "${STEPS:+STEPS=$STEPS }DEPT=<agency> benchmarks/query_adapter_prompts.sh"

@@ -81,8 +81,14 @@ def _verdict(prompt_dir: Path, d: str, version: str) -> tuple[dict, dict]:
     return meta, meta["metrics"]["dev_verdict"]
 
 
+def _train_summary(log: Path) -> dict:
+    """The JSON summary `ragpt train` prints last."""
+    text = log.read_text()
+    return json.loads(text[text.rindex("\n{") + 1:])
+
+
 def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path,
-              recursive: Path | None = None, recursive_prompt_dir: Path | None = None) -> dict:
+              recursive: Path | None = None) -> dict:
     registry = PromptRegistry(prompt_dir)
     rows, pooled, pooled_r = {}, {}, {}
     for d in AGENCIES:
@@ -107,11 +113,11 @@ def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path,
                    k=runs[index]["contract"]["k"],
                    span_hit_at_2={"recursive": _span_hit(out / d / base / "results.json", d),
                                   "sentences": _span_hit(out / d / index / "results.json", d)})
-        if "soft_recursive" in cols and recursive_prompt_dir is not None:
-            rv = (recursive / d / "version").read_text().strip()
-            rmeta, rverdict = _verdict(recursive_prompt_dir, d, rv)
-            row.update(recursive_dev_verdict=rverdict, recursive_best_step=rmeta["metrics"]["best_step"],
-                       recursive_train_minutes=round(rmeta["metrics"]["train_seconds"] / 60, 1))
+        if "soft_recursive" in cols:
+            # From the run's own log: the scratch registry it trained into is not kept.
+            rmetrics = _train_summary(recursive / d / "train.log")["metrics"]
+            row.update(recursive_dev_verdict=rmetrics["dev_verdict"], recursive_best_step=rmetrics["best_step"],
+                       recursive_train_minutes=round(rmetrics["train_seconds"] / 60, 1))
         rows[d] = row
         for k, v in cols.items():
             if k != "soft_recursive":
@@ -190,11 +196,9 @@ def main() -> None:
     ap.add_argument("--prompt-dir", type=Path, default=HERE.parent / "prompts")
     ap.add_argument("--recursive-out", type=Path, default=HERE / "results" / "default_prompts_recursive",
                     help="the same recipe's run on the recursive-chunk index (used when it is there)")
-    ap.add_argument("--recursive-prompt-dir", type=Path, default=HERE.parent / ".cache" / "recursive-prompts")
     args = ap.parse_args()
     recursive = args.recursive_out if args.recursive_out.is_dir() else None
-    rows = summarise(args.out, args.shipped, args.index, args.base_index, args.prompt_dir, recursive,
-                     args.recursive_prompt_dir)
+    rows = summarise(args.out, args.shipped, args.index, args.base_index, args.prompt_dir, recursive)
     if not rows:
         raise SystemExit(f"no finished department under {args.out}")
     (args.out.parent / "default_prompts.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -396,7 +396,8 @@ async def _answer(request: Request, rt: ServiceRuntime, call: ChatCall):
 
 async def _prompt_embeds(rt: ServiceRuntime, call: ChatCall, dtype: str | None) -> dict:
     """The call's input as prompt embeddings, built by the one request path in a worker thread (it
-    retrieves and embeds: no generation, so it does not queue behind the batcher's rows)."""
+    retrieves and embeds: no generation, so it does not queue behind the batcher's rows); at most
+    `limits.max_prompt_embeds_in_flight` at once, a request more is a 503 `overloaded`."""
     request = ChatRequest(call.question, call.department, history=call.history, system=call.system,
                           prompt=call.prompt, overrides=call.overrides,
                           max_new_tokens=call.max_tokens or rt.default_max_tokens, temperature=call.temperature)
@@ -405,8 +406,13 @@ async def _prompt_embeds(rt: ServiceRuntime, call: ChatCall, dtype: str | None) 
         pe = build_prompt_embeds(rt.pipelines[call.department], request, dtype=dtype)
         return pe, pe.encoded()  # base64 of a few MB: off the event loop too
 
+    job = rt.prompt_embeds_builds.submit(build)
+    if job is None:  # bounded: not a wait in an unbounded line beside the generation queue
+        retry = rt.config.limits.retry_after_s
+        raise ApiError(503, f"overloaded: {rt.prompt_embeds_builds.limit} prompt-embeds requests are being built; "
+                            f"retry in {retry}s", code="overloaded", headers={"Retry-After": str(retry)})
     try:
-        pe, encoded = await asyncio.wait_for(asyncio.to_thread(build), rt.config.limits.request_timeout_s)
+        pe, encoded = await asyncio.wait_for(job, rt.config.limits.request_timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(504, "the request timed out while building its input", code="timeout") from None
     except DeepPromptEmbedsError as e:

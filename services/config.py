@@ -157,6 +157,9 @@ class LimitsConfig(_Strict):
     # Retry-After of a 503 when the queue is full before any answer was measured; afterwards the
     # service computes it from its measured speed.
     retry_after_s: int = Field(1, ge=1)
+    # /v1/prompt_embeds requests built at once (each retrieves and embeds in a worker thread, beside
+    # the generation queue); one more is a 503 `overloaded` rather than a wait in an unbounded line.
+    max_prompt_embeds_in_flight: int = Field(4, ge=1)
 
 
 class ServiceConfig(_Strict):

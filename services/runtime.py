@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from ragpt.config import Settings
 from ragpt.errors import PromptMismatchError, SoftPromptError
@@ -91,6 +95,36 @@ def prompt_unavailable(department: str, version: str, *, mismatch: bool = False)
                          "answers without it", code="prompt_unavailable", param="model")
 
 
+class BoundedWorkers:
+    """At most `limit` jobs at once, each in a thread of its own pool: a job more is refused
+    (`submit` returns None) rather than queued. A job counts from `submit` until its thread has
+    finished it (or it was cancelled before it started), so a request that timed out still holds
+    its place while its work runs on."""
+
+    def __init__(self, limit: int, name: str):
+        self.limit = limit
+        self._pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix=name)
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def submit(self, fn: Callable[[], Any]) -> asyncio.Future | None:
+        with self._lock:
+            if self._count >= self.limit:
+                return None
+            self._count += 1
+        job = self._pool.submit(fn)
+        job.add_done_callback(self._finished)
+        return asyncio.wrap_future(job)
+
+    def _finished(self, _job) -> None:
+        with self._lock:
+            self._count -= 1
+
+
 class ServicePipeline(Pipeline):
     """The service's pipeline of one index: `Pipeline`, where a version that fails its checks when
     it is loaded (checksum, shape, base model; verified at first use, not at start-up) is a 503
@@ -129,6 +163,7 @@ class ServiceRuntime:
         self.error: str | None = None
         self.started = time.time()
         self.rate = ServiceRate()  # measured from finished answers; admission uses it
+        self.prompt_embeds_builds = BoundedWorkers(config.limits.max_prompt_embeds_in_flight, "prompt-embeds")
         self._live: dict[Ticket, Live] = {}  # submitted and not yet released by its route
         self.metrics = ServiceMetrics(self)
         self.chat_sessions = SessionTable("department", config.admin.session_hours * 3600)

@@ -424,3 +424,43 @@ def test_ask_writes_the_tensor_or_a_vllm_completions_body_and_refuses_a_deep_pro
                               "ask", HR_Q, "-d", "hr", "-i", name, "--prompt-embeds-out", str(tmp_path / "d.json")])
     assert res.exit_code == 2 and "is a deep prompt (30 layers x 20 positions)" in res.output
     assert not (tmp_path / "d.json").exists()
+
+
+@pytest.mark.integration
+def test_a_build_beyond_the_limit_is_refused_at_once(settings, real_embedder, gen):  # noqa: F811
+    """One build at a time: while it runs (held here on its pipeline's prompt lock, which every build
+    with a soft prompt takes), a second request is a 503 `overloaded` with Retry-After, not a wait;
+    once the first has finished, the next is built."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import live_server
+
+    app = _app(settings, real_embedder, gen, limits={"max_prompt_embeds_in_flight": 1, "retry_after_s": 2})
+    with live_server(app) as url:
+        rt = app.state.runtime
+        lock = rt.pipelines["hr"]._prompts_lock
+
+        def post(timeout: float = 60) -> httpx.Response:
+            return httpx.post(f"{url}/v1/prompt_embeds", headers=_auth("hr"), json=_body(), timeout=timeout)
+
+        with ThreadPoolExecutor(1) as pool:
+            lock.acquire()
+            try:
+                first = pool.submit(post)
+                deadline = time.monotonic() + 30
+                while rt.prompt_embeds_builds.count < 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert rt.prompt_embeds_builds.count == 1
+                second = post(timeout=10)  # refused at once; a wait behind the held build would time out
+                assert second.status_code == 503, second.text
+                assert second.json()["error"]["code"] == "overloaded" and second.headers["Retry-After"] == "2"
+                assert not first.done()
+            finally:
+                lock.release()
+            assert first.result().status_code == 200
+        deadline = time.monotonic() + 30
+        while rt.prompt_embeds_builds.count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rt.prompt_embeds_builds.count == 0
+        assert post().status_code == 200

@@ -2,7 +2,7 @@
 
     RagptRetriever          a department's scope of a ragpt index, as a BaseRetriever
     SoftPromptChatModel     the frozen generator + a department's soft prompt, as a BaseChatModel
-    RagptChain / rag_chain  question -> {answer, sources, department, prompt_version, contract, ...}; department per call
+    RagptChain / rag_chain  question -> {answer, sources, department, prompt_version, contract, ...} per call
     RagptServiceChatModel   a running ragpt service (OpenAI-compatible API) as a BaseChatModel
 
 See docs/langchain.md.

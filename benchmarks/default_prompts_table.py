@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from department_table import format_ci, predictions_f1  # noqa: E402
+from department_table import format_ci, predictions_f1, train_summary  # noqa: E402
 
 from ragpt.evaluation.metrics import bootstrap_ci, paired_difference_ci  # noqa: E402
 from ragpt.softprompts.registry import PromptRegistry  # noqa: E402
@@ -81,12 +81,6 @@ def _verdict(prompt_dir: Path, d: str, version: str) -> tuple[dict, dict]:
     return meta, meta["metrics"]["dev_verdict"]
 
 
-def _train_summary(log: Path) -> dict:
-    """The JSON summary `ragpt train` prints last."""
-    text = log.read_text()
-    return json.loads(text[text.rindex("\n{") + 1:])
-
-
 def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path,
               recursive: Path | None = None) -> dict:
     registry = PromptRegistry(prompt_dir)
@@ -115,7 +109,7 @@ def summarise(out: Path, shipped: Path, index: str, base: str, prompt_dir: Path,
                                   "sentences": _span_hit(out / d / index / "results.json", d)})
         if "soft_recursive" in cols:
             # From the run's own log: the scratch registry it trained into is not kept.
-            rmetrics = _train_summary(recursive / d / "train.log")["metrics"]
+            rmetrics = train_summary(recursive / d / "train.log")["metrics"]
             row.update(recursive_dev_verdict=rmetrics["dev_verdict"], recursive_best_step=rmetrics["best_step"],
                        recursive_train_minutes=round(rmetrics["train_seconds"] / 60, 1))
         rows[d] = row

@@ -33,6 +33,12 @@ def format_ci(i: dict, signed: bool = False) -> str:
     return f"{i['mean']:{f}} [{i['low']:{f}}, {i['high']:{f}}]{star}"
 
 
+def train_summary(log: Path) -> dict:
+    """The JSON summary `ragpt train` prints last ({} when the run printed none)."""
+    text = log.read_text()
+    return json.loads(text[text.rindex("\n{") + 1:]) if "\n{" in text else {}
+
+
 def predictions_f1(path: Path) -> dict[str, dict[str, float]]:
     """{method kind: {question id: token-F1 in %}} from a `ragpt eval` predictions.jsonl."""
     by: dict[str, dict[str, float]] = {}

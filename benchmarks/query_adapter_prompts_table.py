@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from department_table import format_ci, predictions_f1  # noqa: E402
+from department_table import format_ci, predictions_f1, train_summary  # noqa: E402
 
 from ragpt.evaluation.metrics import bootstrap_ci, paired_difference_ci  # noqa: E402
 
@@ -36,9 +36,7 @@ def finished(root: Path) -> bool:
 
 def training(root: Path, arm: str) -> dict:
     """The version a run registered and its training metrics, from `ragpt train`'s JSON summary."""
-    log = (root / f"{arm}.train.log").read_text()
-    summary = json.loads(log[log.rindex("\n{") + 1:]) if "\n{" in log else {}
-    metrics = summary.get("metrics", {})
+    metrics = train_summary(root / f"{arm}.train.log").get("metrics", {})
     return {"version": (root / f"{arm}.version").read_text().strip(),
             **{k: metrics.get(k) for k in ("dev_verdict", "query_adapter", "best_step", "dev_f1")}}
 

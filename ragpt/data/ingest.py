@@ -64,7 +64,6 @@ class IngestReport:
         return self.skipped + self.failed
 
 
-
 class ChunkingMismatchError(RagptError):
     """Documents asked to be chunked unlike the rest of their index."""
 
